@@ -1,0 +1,1 @@
+"""Everything the four methods share: layers, losses, configs, data, distributed set-up, checkpoints, metrics."""
