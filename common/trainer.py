@@ -1,0 +1,202 @@
+"""The training loop every method shares: epochs of batches, logging, evaluation, checkpoints, resume.
+
+A method supplies a `TrainTask`: its stateful objects (models, optimizers, schedulers, EMA,
+...) by name, one training step, an evaluation over batches and a preview of images. The
+loop owns everything else, so single-process, torchrun-DDP, resume and logging behave the
+same for every method.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable, Mapping, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from common.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from common.config import Config, Field
+from common.data import ResumableDistributedSampler
+from common.dist import DistEnv, all_reduce_mean, barrier, is_distributed
+from common.runlog import RunLog
+
+EXPERIMENT_SCHEMA = {
+    "batch_size": Field(int, doc="per-process batch"),
+    "epochs": Field(int),
+    "save_ckpt_freq": Field(int, 1, doc="write epoch{N}_model.pt every N epochs"),
+    "test_freq": Field(int, 1, doc="evaluate every N epochs"),
+    "amp": Field(bool, False, doc="bf16 autocast on CUDA"),
+    "total_batch_size": Field(int, None),
+    "max_steps": Field(int, None, doc="stop (and checkpoint) after this many optimizer steps"),
+    "save_every_steps": Field(int, None, doc="also refresh last.pt every N steps"),
+    "log_every": Field(int, 10),
+    "num_workers": Field(int, 0),
+    "eval_batches": Field(int, None, doc="limit evaluation to this many batches per process"),
+    "test_batch_size": Field(int, None),
+    "preview_images": Field(int, 8),
+    "sample": Field(dict, None),
+}
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: completed epochs, optimizer steps, and batches done in the current epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+
+
+class TrainTask(Protocol):
+    def state_objects(self) -> dict[str, Any]:
+        """Objects with state_dict()/load_state_dict() saved in checkpoints; must include "model"."""
+
+    def train_step(self, batch: dict, position: Position) -> dict[str, float]:
+        """One optimizer step on a batch; returns scalars to log."""
+
+    def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
+        """Averages of evaluation scalars over the given batches (this process's shard)."""
+
+    def preview(self, batch: dict) -> torch.Tensor:
+        """Images in [-1, 1] for a grid (e.g. inputs above reconstructions)."""
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler: ResumableDistributedSampler, num_workers: int) -> DataLoader:
+    # A private generator keeps DataLoader from drawing on the global RNG, which resume restores exactly.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                      generator=torch.Generator().manual_seed(0), persistent_workers=False)
+
+
+def gather_rng_states() -> list[dict]:
+    state = capture_rng_state()
+    if not is_distributed():
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def checkpoint_payload(task: TrainTask, config: Config, position: Position) -> dict[str, Any]:
+    payload = {name: obj.state_dict() for name, obj in task.state_objects().items()}
+    payload.update(config=config.to_dict(), kind=config["arch"]["type"], position=dataclasses.asdict(position),
+                   rng=gather_rng_states())
+    return payload
+
+
+def restore(task: TrainTask, checkpoint: Mapping[str, Any], env: DistEnv) -> Position:
+    """Load every stateful object, the RNG state of this rank and the position from one of our checkpoints."""
+    for name, obj in task.state_objects().items():
+        obj.load_state_dict(checkpoint[name])
+    rng_states = checkpoint["rng"]
+    if len(rng_states) == env.world_size:
+        restore_rng_state(rng_states[env.rank])
+    return Position(**checkpoint["position"])
+
+
+class Trainer:
+    """Runs a TrainTask over a dataset for `experiment.epochs`, writing into `log.run_dir`."""
+
+    def __init__(self, task: TrainTask, config: Config, env: DistEnv, log: RunLog, train_set: Dataset,
+                 val_set: Dataset | None, seed: int = 0):
+        self.task, self.config, self.env, self.log = task, config, env, log
+        self.experiment = config["experiment"]
+        self.train_set, self.val_set = train_set, val_set
+        self.sampler = ResumableDistributedSampler(len(train_set), num_replicas=env.world_size, rank=env.rank,
+                                                   shuffle=True, seed=seed)
+        self.steps_per_epoch = len(self.sampler) // self.experiment["batch_size"]
+        if self.steps_per_epoch == 0:
+            from common.errors import DataError
+
+            raise DataError(f"the training set has {len(train_set)} images, fewer than one global batch of "
+                            f"{self.experiment['batch_size'] * env.world_size}; lower experiment.batch_size")
+        self.skipped_images = 0
+
+    # ------------------------------------------------------------------------------------------
+    def save(self, position: Position, name: str) -> None:
+        payload = checkpoint_payload(self.task, self.config, position)  # every rank joins the RNG gather
+        if self.env.is_main:
+            save_checkpoint(self.log.path(name), payload)
+        barrier()
+
+    def fit(self, position: Position | None = None) -> Position:
+        position = position or Position()
+        experiment = self.experiment
+        batch_size = experiment["batch_size"]
+        max_steps = experiment["max_steps"]
+        while position.epoch < experiment["epochs"]:
+            epoch = position.epoch
+            self.train_set.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, start_index=position.batch_in_epoch * batch_size)
+            loader = make_loader(self.train_set, batch_size, self.sampler, experiment["num_workers"])
+            bar = tqdm(loader, total=self.steps_per_epoch, initial=position.batch_in_epoch,
+                       desc=f"epoch {epoch + 1}/{experiment['epochs']}", disable=not self.env.is_main,
+                       dynamic_ncols=True, leave=False)
+            for batch in bar:
+                logs = self.task.train_step(batch, position)
+                position.step += 1
+                position.batch_in_epoch += 1
+                self.skipped_images += int(batch["skipped"].sum())
+                if position.step % experiment["log_every"] == 0 or position.step == 1:
+                    record = self.reduce(logs)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in list(record.items())[:4]})
+                    self.log.metrics({"split": "train", "step": position.step, "epoch": epoch, **record,
+                                      "skipped_images": self.skipped_images})
+                if experiment["save_every_steps"] and position.step % experiment["save_every_steps"] == 0:
+                    self.save(position, "last.pt")
+                if max_steps is not None and position.step >= max_steps:
+                    bar.close()
+                    self.save(position, "last.pt")
+                    self.log.info(f"stopped at step {position.step} (experiment.max_steps); resume with --resume")
+                    return position
+            bar.close()
+            position.epoch += 1
+            position.batch_in_epoch = 0
+            if self.skipped_images:
+                self.log.info(f"{self.skipped_images} unreadable images skipped so far")
+            if self.val_set is not None and position.epoch % experiment["test_freq"] == 0:
+                self.evaluate_and_preview(position)
+            if position.epoch % experiment["save_ckpt_freq"] == 0:
+                self.save(position, f"epoch{position.epoch}_model.pt")
+            self.save(position, "last.pt")
+        return position
+
+    # ------------------------------------------------------------------------------------------
+    def reduce(self, logs: Mapping[str, float]) -> dict[str, float]:
+        """Average logged scalars over ranks (same keys on every rank)."""
+        if not logs:
+            return {}
+        values = torch.tensor([float(v) for v in logs.values()], dtype=torch.float64, device=self.env.device)
+        all_reduce_mean(values)
+        return dict(zip(logs.keys(), values.tolist()))
+
+    def eval_batches(self, dataset: Dataset) -> Iterable[dict]:
+        batch_size = self.experiment["test_batch_size"] or self.experiment["batch_size"]
+        sampler = ResumableDistributedSampler(len(dataset), num_replicas=self.env.world_size, rank=self.env.rank,
+                                              shuffle=False, drop_last=False)
+        loader = make_loader(dataset, batch_size, sampler, self.experiment["num_workers"])
+        limit = self.experiment["eval_batches"]
+        total = min(len(loader), limit) if limit else len(loader)
+        for i, batch in enumerate(tqdm(loader, total=total, desc="eval", disable=not self.env.is_main, leave=False)):
+            if limit is not None and i >= limit:
+                break
+            yield batch
+
+    def evaluate_and_preview(self, position: Position) -> dict[str, float]:
+        with torch.random.fork_rng(devices=[]):
+            record = self.reduce(self.task.evaluate(self.eval_batches(self.val_set)))
+            self.log.metrics({"split": "val", "step": position.step, "epoch": position.epoch, **record})
+            self.log.info(f"epoch {position.epoch} step {position.step} val: "
+                          + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
+            if self.env.is_main:
+                count = min(self.experiment["preview_images"], len(self.val_set))
+                batch = torch.utils.data.default_collate([self.val_set[i] for i in range(count)])
+                self.log.image_grid(f"epoch{position.epoch:04d}", self.task.preview(batch), nrow=count)
+        return record
+
+
+def resolve_run_dir(result_path: str, config_path: str, postfix: str = "") -> str:
+    """`<result-path>/<config stem>[__postfix]`, the official run-directory naming without the timestamp."""
+    stem = os.path.splitext(os.path.basename(config_path))[0]
+    return os.path.join(result_path, f"{stem}__{postfix}" if postfix else stem)
