@@ -7,11 +7,9 @@ each method's `official` module recognises and converts them.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import random
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -47,7 +45,7 @@ def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
             raise CheckpointError(f"{path}: refused, the file contains Python objects or code, not only tensors "
                                   "(checkpoints are loaded as data only)") from None
         raise CheckpointError(f"{path}: not a checkpoint ({first_line})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, ValueError) as error:
+    except Exception as error:  # torch raises many kinds (OSError, KeyError, RuntimeError, ...) for damaged files
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({message})") from None
 
