@@ -1,0 +1,100 @@
+"""Reusable layers shared by the models of every method.
+
+VQGAN-family convolutional blocks (taming-transformers layout, used by the RQ-VAE and the
+LlamaGen VQ tokenizer): GroupNorm, residual blocks, single-head spatial attention, and
+2x down/up-sampling. Parameter names follow the official state dicts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def Normalize(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups and eps 1e-6, as in VQGAN (channels must be a multiple of 32)."""
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class CheckpointedBlock(nn.Module):
+    """A block whose activations can be recomputed in the backward pass instead of stored.
+
+    Only in training with gradients on; the numbers are the same either way.
+    """
+
+    def __init__(self, checkpointing: bool = False):
+        super().__init__()
+        self.checkpointing = checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.block_forward, x, use_reentrant=False)
+        return self.block_forward(x)
+
+    def block_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ResnetBlock(CheckpointedBlock):
+    """Pre-activation residual block: two (GroupNorm, SiLU, 3x3 conv) stages, 1x1 conv shortcut when widths differ."""
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 checkpointing: bool = False):
+        super().__init__(checkpointing)
+        out_channels = out_channels or in_channels
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def block_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return shortcut + h
+
+
+class AttnBlock(CheckpointedBlock):
+    """Single-head self-attention over all H*W positions, 1x1 convs for q/k/v/out, residual."""
+
+    def __init__(self, channels: int, checkpointing: bool = False):
+        super().__init__(checkpointing)
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def block_forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (B, H*W, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # one head: the scale is C^-1/2 over all channels
+        h = h.transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution: zero-pad right and bottom by one pixel, then a 3x3 stride-2 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding: symmetric gives other numbers
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

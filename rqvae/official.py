@@ -1,0 +1,89 @@
+"""Official kakaobrain/rq-vae-transformer checkpoints: recognising, loading and writing their layout.
+
+An official `.pt` is a dict whose `state_dict` holds the model weights under the same names as
+ours (a shared codebook listed once per depth); the model is rebuilt from the `arch` section of
+the `config.yaml` that must sit in the same directory.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from common.checkpoint import load_file, strict_load
+from common.config import read_yaml, save_config
+from common.errors import CheckpointError
+from rqvae.vqvae import RQVAE
+
+
+def is_official_rqvae_checkpoint(obj: Any) -> bool:
+    """True for an official stage-1 file: a dict with a `state_dict` of encoder./quantizer. weights."""
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    return isinstance(state, Mapping) and any(k.startswith("encoder.") for k in state) \
+        and any(k.startswith("quantizer.") for k in state)
+
+
+def official_config_path(pt_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(pt_path)), "config.yaml")
+
+
+def load_official_rqvae(pt_path: str) -> RQVAE:
+    """An RQ-VAE with the weights of an official `.pt`, built from `config.yaml` beside it."""
+    ckpt = load_file(pt_path)
+    if not is_official_rqvae_checkpoint(ckpt):
+        raise CheckpointError(f"{pt_path}: not an official RQ-VAE stage-1 checkpoint "
+                              "(expected a dict with a 'state_dict' of encoder./quantizer. weights)")
+    config_path = official_config_path(pt_path)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{pt_path}: official checkpoints are rebuilt from the config.yaml released with them; "
+                              f"put it at {config_path}")
+    arch = read_yaml(config_path).get("arch")
+    if not isinstance(arch, Mapping):
+        raise CheckpointError(f"{config_path}: no 'arch' section; is this the stage-1 config.yaml of the checkpoint?")
+    model = RQVAE.from_config(arch, source=config_path)
+    state = ckpt["state_dict"]
+    check_shared_codebook_copies(model, state, pt_path)
+    strict_load(model, state, pt_path)
+    return model
+
+
+def check_shared_codebook_copies(model: RQVAE, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """A shared codebook is stored once per depth; the copies must agree (loading keeps only the last)."""
+    if not model.quantizer.shared_codebook:
+        return
+    for name in ("weight", "cluster_size_ema", "embed_ema"):
+        copies = [state.get(f"quantizer.codebooks.{d}.{name}") for d in range(model.code_shape[2])]
+        if any(c is None or c.shape != copies[0].shape for c in copies):
+            continue  # strict_load reports missing or mis-shaped keys
+        if any(not torch.equal(c, copies[0]) for c in copies[1:]):
+            raise CheckpointError(f"{source}: the copies quantizer.codebooks.*.{name} of the shared codebook differ; "
+                                  "the config says shared_codebook: true but the weights are not shared")
+
+
+def official_discriminator_state(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The PatchGAN weights of an official stage-1 training checkpoint, for fine-tuning."""
+    state = ckpt.get("discriminator")
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError("official checkpoint has no 'discriminator' weights "
+                              "(only stage-1 training checkpoints carry them); fine-tune without them")
+    return dict(state)
+
+
+def export_official_rqvae(model: RQVAE, config_arch: Mapping[str, Any], pt_path: str,
+                          discriminator: nn.Module | None = None, epoch: int = 0) -> None:
+    """Write `pt_path` and `config.yaml` beside it in the official layout (readable by the official code)."""
+    directory = os.path.dirname(os.path.abspath(pt_path))
+    os.makedirs(directory, exist_ok=True)
+    ckpt: dict[str, Any] = {"epoch": epoch, "state_dict": model.state_dict()}  # D copies of a shared codebook
+    if discriminator is not None:
+        ckpt["discriminator"] = discriminator.state_dict()
+    tmp = f"{pt_path}.tmp{os.getpid()}"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, pt_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    save_config({"arch": config_arch}, official_config_path(pt_path))
