@@ -25,7 +25,8 @@ from rqvae.quantizer import RQBottleneck, VQEmbedding
 from rqvae.schema import RQVAE_ARCH
 from rqvae.vqvae import RQVAE
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "rqvae")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO, "tests", "data", "rqvae")
 CKPT = os.path.join(DATA, "stage1", "model.pt")
 CONFIG = os.path.join(DATA, "stage1", "config.yaml")
 
@@ -234,6 +235,28 @@ def test_separate_codebooks_have_own_weights_and_keys():
     same = torch.zeros_like(codes[:1])
     per_depth = model.embed_codes_with_depth(same)
     assert not torch.equal(per_depth[..., 0, :], per_depth[..., 1, :])
+
+
+def build_on_meta(config_path: str) -> RQVAE:
+    with torch.device("meta"):  # full-size models without allocating their weights
+        return RQVAE.from_config(read_yaml(os.path.join(REPO, config_path))["arch"])
+
+
+def test_ffhq_config_builds_the_official_state_dict_layout():
+    model = build_on_meta("configs/ffhq/stage1/ffhq256-rqvae-8x8x4.yaml")
+    listing = [f"{k} [{','.join(map(str, v.shape))}] {str(v.dtype).removeprefix('torch.')}"
+               for k, v in model.state_dict().items()]
+    with open(os.path.join(DATA, "rqvae_ffhq256_stage1.txt")) as f:
+        assert listing == f.read().splitlines()
+    # parameters count the shared codebook once: ~100.2M + 2049 x 256
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 100.73
+
+
+def test_imagenet_config_puts_attention_at_8x8():
+    keys = build_on_meta("configs/imagenet256/stage1/in256-rqvae-8x8x4.yaml").state_dict()
+    assert "encoder.down.5.attn.1.q.weight" in keys and "decoder.up.5.attn.2.proj_out.weight" in keys
+    assert not any(k.startswith(("encoder.down.4.attn", "decoder.up.4.attn")) for k in keys)
+    assert keys["quantizer.codebooks.3.weight"].shape == (16385, 256)
 
 
 def test_model_interface_properties(model):
