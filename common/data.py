@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.utils import make_grid
 
-from common.config import Field
+from common.config import ANY, Field
 from common.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # compared lower-case, so .JPEG too
@@ -45,6 +45,7 @@ DATASET_SCHEMA = {
     "num_samples": Field(int, None, doc="shapes: dataset size; folders: an evenly spaced subset of this many images"),
     "seed": Field(int, 0, doc="seeds the augmentation (and the drawing of shapes)"),
     "vocab_size": Field(int, None, doc="official stage-2 key, unused by the data"),
+    "transform": ANY,  # a misspelled duplicate the official RQ-VAE set-up writes into saved configs
 }
 
 

@@ -13,12 +13,12 @@ from typing import Any, Iterable, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from common.config import Config, Field
-from common.data import ResumableDistributedSampler
+from common.data import build_loader
 from common.dist import DistEnv, all_reduce_mean, barrier, is_distributed
 from common.runlog import RunLog
 
@@ -63,10 +63,9 @@ class TrainTask(Protocol):
         """Images in [-1, 1] for a grid (e.g. inputs above reconstructions)."""
 
 
-def make_loader(dataset: Dataset, batch_size: int, sampler: ResumableDistributedSampler, num_workers: int) -> DataLoader:
-    # A private generator keeps DataLoader from drawing on the global RNG, which resume restores exactly.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                      generator=torch.Generator().manual_seed(0), persistent_workers=False)
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Optimizer steps in one epoch: each rank takes floor(N / world) samples and drops the last partial batch."""
+    return (num_samples // world_size) // batch_size
 
 
 def gather_rng_states() -> list[dict]:
@@ -103,9 +102,8 @@ class Trainer:
         self.task, self.config, self.env, self.log = task, config, env, log
         self.experiment = config["experiment"]
         self.train_set, self.val_set = train_set, val_set
-        self.sampler = ResumableDistributedSampler(len(train_set), num_replicas=env.world_size, rank=env.rank,
-                                                   shuffle=True, seed=seed)
-        self.steps_per_epoch = len(self.sampler) // self.experiment["batch_size"]
+        self.seed = seed
+        self.steps_per_epoch = steps_per_epoch(len(train_set), self.experiment["batch_size"], env.world_size)
         if self.steps_per_epoch == 0:
             from common.errors import DataError
 
@@ -127,9 +125,9 @@ class Trainer:
         max_steps = experiment["max_steps"]
         while position.epoch < experiment["epochs"]:
             epoch = position.epoch
-            self.train_set.set_epoch(epoch)
-            self.sampler.set_epoch(epoch, start_index=position.batch_in_epoch * batch_size)
-            loader = make_loader(self.train_set, batch_size, self.sampler, experiment["num_workers"])
+            loader = build_loader(self.train_set, batch_size, self.env.world_size, self.env.rank, shuffle=True,
+                                  seed=self.seed, num_workers=experiment["num_workers"], epoch=epoch,
+                                  start_index=position.batch_in_epoch * batch_size)
             bar = tqdm(loader, total=self.steps_per_epoch, initial=position.batch_in_epoch,
                        desc=f"epoch {epoch + 1}/{experiment['epochs']}", disable=not self.env.is_main,
                        dynamic_ncols=True, leave=False)
@@ -173,9 +171,8 @@ class Trainer:
 
     def eval_batches(self, dataset: Dataset) -> Iterable[dict]:
         batch_size = self.experiment["test_batch_size"] or self.experiment["batch_size"]
-        sampler = ResumableDistributedSampler(len(dataset), num_replicas=self.env.world_size, rank=self.env.rank,
-                                              shuffle=False, drop_last=False)
-        loader = make_loader(dataset, batch_size, sampler, self.experiment["num_workers"])
+        loader = build_loader(dataset, batch_size, self.env.world_size, self.env.rank, shuffle=False,
+                              num_workers=self.experiment["num_workers"], drop_last=False)
         limit = self.experiment["eval_batches"]
         total = min(len(loader), limit) if limit else len(loader)
         for i, batch in enumerate(tqdm(loader, total=total, desc="eval", disable=not self.env.is_main, leave=False)):
