@@ -212,7 +212,7 @@ class RQVAE(nn.Module):
 
     def codebook_usage(self, codes: torch.Tensor) -> dict[str, float]:
         """Fraction of the codebook used and perplexity of the codes, per depth (`usage_d0`, `perplexity_d0`, ...)."""
-        from common.metrics import codebook_usage
+        from common.metrics import codebook_usage  # here: the metrics package imports torch-fidelity, slow
 
         stats = {}
         for d in range(codes.shape[-1]):

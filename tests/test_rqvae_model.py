@@ -111,6 +111,13 @@ def test_official_partial_decodes(model, vectors, mode):
     close(model.decode_partial_codes(vectors["codes"], 2, "add"), vectors["recon_from_codes"])
 
 
+def test_codebook_usage_per_depth(model, vectors):
+    stats = model.codebook_usage(vectors["codes"])
+    # 26, 24 and 16 of the 32 codes occur at depths 0, 1, 2 (official summary)
+    assert [stats[f"usage_d{d}"] for d in range(3)] == [26 / 32, 24 / 32, 16 / 32]
+    assert all(1 <= stats[f"perplexity_d{d}"] <= 32 for d in range(3))
+
+
 def test_per_depth_embeddings_sum_to_quantized_latent(model, vectors):
     embeds = model.embed_codes_with_depth(vectors["codes"])
     assert embeds.shape == (4, 8, 8, 3, 8)
