@@ -1,0 +1,135 @@
+"""Official Open-MAGVIT2 checkpoints: Lightning `.ckpt` files plus the YAML they were trained with.
+
+The Lightning `state_dict` holds the raw (last-step) weights under `encoder.*` / `decoder.*`,
+the loss modules under `loss.*` (LPIPS, PatchGAN `loss.discriminator.*`) and an EMA copy of
+every trainable parameter as `model_ema.<full name without dots>`. The official evaluation
+runs with the EMA weights, so they are taken by default wherever present.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from common.checkpoint import load_file, strict_load
+from common.config import Config, read_yaml, validate
+from common.errors import CheckpointError, ConfigError
+from lfq.model import LFQTokenizer
+from lfq.schema import OFFICIAL_MODEL_CLASS, OPENMAGVIT2_SCHEMA
+
+GENERATOR_PREFIXES = ("encoder.", "decoder.")
+DISCRIMINATOR_PREFIX = "loss.discriminator."
+
+
+def ema_key(name: str) -> str:
+    """The EMA buffer of parameter `name`: `encoder.down.0.block.1.conv1.weight` -> `model_ema.encoderdown0block1conv1weight`."""
+    return "model_ema." + name.replace(".", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# The YAML
+# ----------------------------------------------------------------------------------------------
+
+def read_official_config(path: str) -> Config:
+    """Read and validate an official tokenizer YAML; any other YAML is a ConfigError."""
+    raw = read_yaml(path)
+    model = raw.get("model")
+    class_path = model.get("class_path") if isinstance(model, Mapping) else None
+    if class_path != OFFICIAL_MODEL_CLASS:
+        raise ConfigError(f"{path}: not an Open-MAGVIT2 tokenizer config (model.class_path must be "
+                          f"{OFFICIAL_MODEL_CLASS}, got {class_path!r}); pass the YAML released with the checkpoint")
+    return validate(raw, OPENMAGVIT2_SCHEMA, path)
+
+
+def official_image_size(config: Mapping[str, Any]) -> int | None:
+    """The evaluation image size of an official config (`data.init_args.<split>.params.config.size`)."""
+    data = config.get("data")
+    splits = data.get("init_args") if isinstance(data, Mapping) else None
+    for split in ("test", "validation", "train"):
+        node: Any = splits.get(split) if isinstance(splits, Mapping) else None
+        for key in ("params", "config", "size"):
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if isinstance(node, int) and not isinstance(node, bool):
+            return node
+    return None
+
+
+def arch_from_official(config: Mapping[str, Any], source: str, image_size: int | None = None) -> dict[str, Any]:
+    """Our `arch` section (lfq/schema.py LFQ_ARCH) from a validated official config.
+
+    The image size is `image_size` if given, else the data section's (`ddconfig.resolution`
+    is a leftover in the official 256 config and is not used).
+    """
+    args = config["model"]["init_args"]
+    image_size = image_size or official_image_size(config)
+    if image_size is None:
+        raise ConfigError(f"{source}: no data.init_args.<split>.params.config.size to take the image size from; "
+                          "give the image size explicitly")
+    return {"type": "lfq", "image_size": image_size, "ddconfig": dict(args["ddconfig"]),
+            "n_embed": args["n_embed"], "embed_dim": args["embed_dim"],
+            "sample_minimization_weight": args["sample_minimization_weight"],
+            "batch_maximization_weight": args["batch_maximization_weight"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def is_official_lfq_checkpoint(obj: Any) -> bool:
+    """True for an Open-MAGVIT2 Lightning checkpoint: a `state_dict` with the adaptive-norm decoder."""
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    return isinstance(state, Mapping) and "encoder.conv_in.weight" in state \
+        and any(k.startswith("decoder.adaptive.") for k in state)
+
+
+def read_lightning_state(ckpt_path: str) -> dict[str, torch.Tensor]:
+    """The `state_dict` of an official Lightning checkpoint (read as data only)."""
+    ckpt = load_file(ckpt_path)
+    if not is_official_lfq_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt_path}: not an Open-MAGVIT2 tokenizer checkpoint (expected a Lightning .ckpt "
+                              "whose state_dict holds encoder.* and decoder.adaptive.* weights)")
+    return ckpt["state_dict"]
+
+
+def official_generator_state(state: Mapping[str, torch.Tensor], model: LFQTokenizer, use_ema: bool,
+                             source: str) -> dict[str, torch.Tensor]:
+    """Encoder/decoder weights in our names, each from its EMA copy when `use_ema` and present."""
+    conv_out = state.get("encoder.conv_out.weight")
+    bits = conv_out.shape[0] if conv_out is not None else model.num_bits  # if absent, strict_load names it
+    if bits != model.num_bits:
+        raise CheckpointError(f"{source}: the checkpoint has {bits}-bit codes (encoder.conv_out has {bits} output "
+                              f"channels) but its config says {model.num_bits} bits (embed_dim); "
+                              "pass the YAML released with this checkpoint")
+    weights = {k: v for k, v in state.items() if k.startswith(GENERATOR_PREFIXES)}
+    if use_ema:
+        for name in model.state_dict():
+            if ema_key(name) in state:
+                weights[name] = state[ema_key(name)]
+    return weights
+
+
+def official_discriminator_state(state: Mapping[str, torch.Tensor], source: str,
+                                 use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The PatchGAN weights (`main.*` names) for fine-tuning; raw by default, EMA parameters if asked
+    (BatchNorm statistics are not averaged, so they stay raw)."""
+    weights = {k[len(DISCRIMINATOR_PREFIX):]: v for k, v in state.items() if k.startswith(DISCRIMINATOR_PREFIX)}
+    if not weights:
+        raise CheckpointError(f"{source}: no loss.discriminator.* weights in the checkpoint; fine-tune without them")
+    if use_ema:
+        for name in weights:
+            weights[name] = state.get(ema_key(DISCRIMINATOR_PREFIX + name), weights[name])
+    return weights
+
+
+def load_official_lfq(ckpt_path: str, config_path: str, use_ema: bool = True,
+                      image_size: int | None = None) -> LFQTokenizer:
+    """An LFQTokenizer in eval mode with the weights of an official `.ckpt`, built from its YAML.
+
+    `loss.*` and `model_ema.decay` / `num_updates` are ignored; missing, unexpected or mis-shaped
+    encoder/decoder weights are a CheckpointError listing them.
+    """
+    config = read_official_config(config_path)
+    model = LFQTokenizer.from_config(arch_from_official(config, config_path, image_size), source=config_path)
+    state = read_lightning_state(ckpt_path)
+    strict_load(model, official_generator_state(state, model, use_ema, ckpt_path), ckpt_path)
+    return model.eval()
