@@ -1,0 +1,100 @@
+"""Reconstruction metrics of a tokenizer over a dataset split: rFID, PSNR, SSIM, LPIPS, codebook usage.
+
+    python compute_rfid.py --vqvae ffhq/stage1/model.pt --split val --data-root data/ffhq \\
+        --inception-weights weights-inception-2015-12-05-6726825d.pth --vgg-weights vgg16-397923af.pth
+    torchrun --nproc_per_node=8 compute_rfid.py --vqvae results/rqvae/last.pt --batch-size 100
+
+Both sides are computed on the fly: Inception features of the originals and of their
+reconstructions (no statistics files). Results are printed and written to `rfid.log` and
+`rfid.json` beside the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import dist
+from common.data import build_dataset_from_config, build_loader
+from common.errors import UserError, cli_entry
+from common.losses import LPIPS
+from common.metrics import (InceptionAccumulator, ReconstructionMeter, code_counts, find_inception_weights,
+                            load_inception, usage_from_counts)
+from methods import load_tokenizer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vqvae", required=True, help="tokenizer checkpoint (ours or official)")
+    parser.add_argument("--config", default=None, help="config of an official checkpoint that does not sit beside it")
+    parser.add_argument("--split", default="val", help="val (default) or train")
+    parser.add_argument("--batch-size", type=int, default=100, help="per process")
+    parser.add_argument("--data-root", default=None, help="dataset folder (default: the config's dataset.root)")
+    parser.add_argument("--num-images", type=int, default=None, help="score an evenly spaced subset of this size")
+    parser.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--vgg-weights", default=None, help="vgg16-397923af.pth for LPIPS (skipped with --no-lpips)")
+    parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no VGG weights needed)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-workers", type=int, default=4)
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.split not in ("val", "train"):
+        raise UserError(f"--split must be val or train, got {args.split!r}")
+    env = dist.setup(args.device)
+    inception = load_inception(find_inception_weights(args.inception_weights), env.device)
+    lpips = None if args.no_lpips else LPIPS(args.vgg_weights).to(env.device)
+
+    model, config = load_tokenizer(args.vqvae, args.config)
+    model = model.to(env.device)
+    dataset_cfg = dict(config["dataset"])
+    if args.data_root:
+        dataset_cfg["root"] = args.data_root
+    if args.num_images:
+        dataset_cfg["num_samples"] = args.num_images
+    dataset = build_dataset_from_config(dataset_cfg, args.split)
+    loader = build_loader(dataset, args.batch_size, env.world_size, env.rank, shuffle=False,
+                          num_workers=args.num_workers, drop_last=False)
+
+    real, fake = InceptionAccumulator(inception, "originals"), InceptionAccumulator(inception, "reconstructions")
+    meter = ReconstructionMeter(lpips, env.device)
+    counts = None
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=f"rFID {args.split}", disable=not env.is_main):
+            x = batch["image"].to(env.device)
+            recon, _, codes = model(x)
+            recon = recon.clamp(-1, 1)
+            real.add(x)
+            fake.add(recon)
+            meter.update(x, recon)
+            depth_codes = codes if codes.ndim == 4 else codes.unsqueeze(-1)  # (B, h, w, D); D = 1 without depth
+            batch_counts = torch.stack([code_counts(depth_codes[..., d], model.vocab_size)
+                                        for d in range(depth_codes.shape[-1])])
+            counts = batch_counts if counts is None else counts + batch_counts
+    counts = dist.all_reduce_sum(counts.to(env.device)).cpu()
+    results = {"rfid": fake.fid(real), **meter.compute()}
+    for depth, depth_counts in enumerate(counts):
+        results.update({f"{k}_d{depth}": v for k, v in usage_from_counts(depth_counts).items()})
+    results.update(checkpoint=os.path.abspath(args.vqvae), split=args.split, num_images=len(real.gather()["2048"]))
+
+    if env.is_main:
+        lines = [f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}" for k, v in results.items()]
+        print("\n".join(lines))
+        directory = os.path.dirname(os.path.abspath(args.vqvae))
+        with open(os.path.join(directory, "rfid.log"), "a") as f:
+            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] " + ", ".join(lines) + "\n")
+        with open(os.path.join(directory, "rfid.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    dist.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()
