@@ -439,22 +439,24 @@ def check_split(split: str) -> None:
 
 def build_dataset(type: str, split: str, root: str | None = None, resolution: int | None = None,
                   transform: str | None = None, flip: bool | None = None, num_samples: int | None = None,
-                  seed: int = 0) -> AugmentedDataset:
+                  seed: int = 0, augment: bool | None = None) -> AugmentedDataset:
     """A dataset by name. `transform` is one of TRANSFORM_KINDS or an official RQ-VAE name (which
     fixes the resolution); it defaults to the dataset's official transform. `flip` applies to the
-    train split only (None: the transform's official choice). `root` defaults to data/<type>."""
+    train split only (None: the transform's official choice). `root` defaults to data/<type>.
+    `augment` picks the training (random) or the evaluation form of the transform; default: train split."""
     kind = type.lower()
     if kind not in DATASET_TYPES:
         raise DataError(f"dataset.type {type!r} is not known; choose one of {', '.join(DATASET_TYPES)}")
     check_split(split)
+    augment = split == "train" if augment is None else augment
     if kind == "shapes":
         if transform not in (None, "none"):
             raise DataError(f"dataset.transforms.type {transform!r}: shapes are drawn at dataset.resolution; "
                             "leave the transform unset")
-        return ShapesDataset(split, resolution or 32, num_samples, seed, flip=bool(flip) and split == "train")
+        return ShapesDataset(split, resolution or 32, num_samples, seed, flip=bool(flip) and augment)
 
     name, resolution = resolve_transform(transform or _DEFAULT_TRANSFORM[kind], resolution)
-    pipeline = build_transform(name, resolution or 256, train=split == "train", flip=flip)
+    pipeline = build_transform(name, resolution or 256, train=augment, flip=flip)
     if kind == "folder" and root is None:
         raise DataError("dataset.root is required for dataset.type folder; set dataset.root=PATH")
     root = root if root is not None else os.path.join("data", "imagenet" if kind == "imagenet_u" else kind)
@@ -471,13 +473,14 @@ def build_dataset(type: str, split: str, root: str | None = None, resolution: in
     return ImageFolderDataset(paths, labels, pipeline, seed, root=root)
 
 
-def build_dataset_from_config(cfg_dataset: Mapping[str, Any], split: str) -> AugmentedDataset:
+def build_dataset_from_config(cfg_dataset: Mapping[str, Any], split: str, augment: bool | None = None
+                              ) -> AugmentedDataset:
     """`build_dataset` from a `dataset:` section (DATASET_SCHEMA, official RQ-VAE configs included)."""
     transforms = cfg_dataset.get("transforms") or {}
     return build_dataset(cfg_dataset["type"], split, root=cfg_dataset.get("root"),
                          resolution=cfg_dataset.get("resolution"), transform=transforms.get("type"),
                          flip=cfg_dataset.get("flip"), num_samples=cfg_dataset.get("num_samples"),
-                         seed=cfg_dataset.get("seed") or 0)
+                         seed=cfg_dataset.get("seed") or 0, augment=augment)
 
 
 # ----------------------------------------------------------------------------------------------

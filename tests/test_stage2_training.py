@@ -1,0 +1,105 @@
+"""Stage-2 training through main_stage2.py on the codes of the official tiny RQ-VAE."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import main_stage2
+from common.codes import CodesDataset
+from common.runlog import read_metrics
+from tests.helpers import DATA, assert_one_line_error, run_cli
+
+CONFIG = "configs/shapes/stage2/rqtransformer.yaml"
+STAGE1 = os.path.join(DATA, "rqvae", "stage1", "model.pt")  # 16x16 images -> 8x8x3 codes, 32 codes
+STAGE2 = os.path.join(DATA, "rqvae", "stage2", "model.pt")
+TINY = ["-v", STAGE1, "dataset.resolution=16", "dataset.num_samples=64", "arch.block_size=[8,8,3]",
+        "arch.embed_dim=32", "arch.body.n_layer=2", "arch.head.n_layer=1", "experiment.batch_size=8",
+        "experiment.log_every=1", "experiment.eval_batches=2", "experiment.sample.top_k=4"]
+
+
+def train_records(run_dir):
+    return [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["split"] == "train"]
+
+
+def test_tiny_training_loss_falls_with_soft_targets(tmp_path):
+    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path), *TINY, "experiment.epochs=3", "optimizer.init_lr=3e-3"])
+    records = train_records(tmp_path / "rqtransformer")
+    assert len(records) == 24
+    first = sum(r["loss"] for r in records[:3]) / 3
+    last = sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first - 0.15  # soft targets of a random RQ-VAE: the floor is their own entropy
+    ckpt = torch.load(tmp_path / "rqtransformer" / "last.pt", weights_only=True)
+    assert set(ckpt) >= {"model", "ema", "optimizer", "scheduler", "config", "rng", "position"}
+    assert ckpt["config"]["vqvae"]["ckpt"] == STAGE1
+    assert (tmp_path / "rqtransformer" / "images" / "epoch0003.png").is_file()
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = [*TINY, "experiment.epochs=2"]
+    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path / "full"), *common])
+    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path / "part"), *common, "experiment.max_steps=5"])
+    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path / "part"), *common, "--resume"])
+    expected = train_records(tmp_path / "full" / "rqtransformer")
+    resumed = train_records(tmp_path / "part" / "rqtransformer")
+    assert [r["step"] for r in resumed] == list(range(1, 17))
+    assert expected == resumed
+
+
+def test_extracted_codes_sharded_over_two_processes_and_ddp_training(tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    from common.data import ShapesDataset
+    from PIL import Image
+
+    shapes = ShapesDataset("train", resolution=16, num_samples=40)
+    for i in range(40):
+        Image.fromarray(shapes.draw(i)).save(data / f"{i:03d}.png")
+    extract = ["scripts/extract_codes.py", "--tokenizer", STAGE1, "--data-root", str(data), "--flip",
+               "--shard-size", "12", "--num-workers", "0", "--device", "cpu"]
+    two = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", *extract,
+                  "--output", str(tmp_path / "codes2"))
+    assert two.returncode == 0, two.stderr
+    one = run_cli(*extract, "--output", str(tmp_path / "codes1"))
+    assert one.returncode == 0, one.stderr
+    a, b = CodesDataset(str(tmp_path / "codes1")), CodesDataset(str(tmp_path / "codes2"))
+    assert len(a) == 40 and a.codes.shape == (40, 2, 8, 8, 3)
+    assert torch.equal(a.codes, b.codes)
+    os.remove(tmp_path / "codes1" / "codes_00001.npz")  # an interrupted run: only the missing shard is redone
+    again = run_cli(*extract, "--output", str(tmp_path / "codes1"))
+    assert again.returncode == 0 and torch.equal(CodesDataset(str(tmp_path / "codes1")).codes, b.codes)
+
+    # Training on the codes: 2 processes x 4 equals 1 process x 8 (no class dropout, no randomness left).
+    train = [*TINY, f"codes.train={tmp_path / 'codes1'}", "loss.type=cross_entropy", "arch.class_dropout=0.0",
+             "experiment.epochs=1", "--device", "cpu"]
+    one = run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path / "one"), *train)
+    assert one.returncode == 0, one.stderr
+    two = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542", "main_stage2.py",
+                  "-m", CONFIG, "-r", str(tmp_path / "two"), *train, "experiment.batch_size=4")
+    assert two.returncode == 0, two.stderr
+    x, y = train_records(tmp_path / "one" / "rqtransformer"), train_records(tmp_path / "two" / "rqtransformer")
+    assert len(x) == len(y) == 5
+    for r, s in zip(x, y):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-4)
+
+
+def test_official_stage2_checkpoint_as_starting_point(tmp_path):
+    # The released config.yaml itself is the config; its dataset is switched to the built-in shapes.
+    config = os.path.join(DATA, "rqvae", "stage2", "config.yaml")
+    main_stage2.main(["-m", config, "-r", str(tmp_path), "-v", STAGE1, "-l", STAGE2, "--eval",
+                      "dataset.type=shapes", "dataset.transforms.type=none", "dataset.resolution=16",
+                      "dataset.num_samples=16", "loss.type=cross_entropy", "experiment.eval_batches=1"])
+    results = __import__("json").load(open(tmp_path / "config" / "eval.json"))
+    assert 0 < results["val"]["val_loss"] < 10
+
+
+def test_bad_input_gives_one_clear_line(tmp_path):
+    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path)), "-v STAGE1")
+    # a prior for 8x8x4 codes on a tokenizer of 8x8x3 codes
+    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v", STAGE1),
+                          "block_size", "[8, 8, 3]")
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(STAGE1, lonely / "model.pt")
+    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v",
+                                  str(lonely / "model.pt")), "config.yaml")
