@@ -2,12 +2,13 @@
 
 An official `.pt` is a dict whose `state_dict` holds the model weights under the same names as
 ours (a shared codebook listed once per depth); the model is rebuilt from the `arch` section of
-the `config.yaml` that must sit in the same directory.
+the `config.yaml` that must sit in the same directory. A stage-2 (RQ-Transformer) file lacks the
+codebook its inputs are made of: it is taken from the paired stage-1 model.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from common.checkpoint import load_file, strict_load
 from common.config import read_yaml, save_config
 from common.errors import CheckpointError
+from rqvae.transformer import RQTransformer
 from rqvae.vqvae import RQVAE
 
 
@@ -29,20 +31,34 @@ def official_config_path(pt_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(pt_path)), "config.yaml")
 
 
-def load_official_rqvae(pt_path: str) -> RQVAE:
-    """An RQ-VAE with the weights of an official `.pt`, built from `config.yaml` beside it."""
-    ckpt = load_file(pt_path)
-    if not is_official_rqvae_checkpoint(ckpt):
-        raise CheckpointError(f"{pt_path}: not an official RQ-VAE stage-1 checkpoint "
-                              "(expected a dict with a 'state_dict' of encoder./quantizer. weights)")
+def read_official_config(pt_path: str, kind: str) -> tuple[dict[str, Any], str]:
+    """The config.yaml beside an official `.pt` and its path; it must exist and have an `arch` section."""
     config_path = official_config_path(pt_path)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{pt_path}: official checkpoints are rebuilt from the config.yaml released with them; "
                               f"put it at {config_path}")
-    arch = read_yaml(config_path).get("arch")
-    if not isinstance(arch, Mapping):
-        raise CheckpointError(f"{config_path}: no 'arch' section; is this the stage-1 config.yaml of the checkpoint?")
-    model = RQVAE.from_config(arch, source=config_path)
+    config = read_yaml(config_path)
+    if not isinstance(config.get("arch"), Mapping):
+        raise CheckpointError(f"{config_path}: no 'arch' section; is this the {kind} config.yaml of the checkpoint?")
+    return config, config_path
+
+
+def read_official_files(pt_path: str, recognise: Callable[[Any], bool], kind: str, weights: str
+                        ) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(checkpoint, config, config path) of an official `.pt` of `kind`; anything else is a CheckpointError."""
+    ckpt = load_file(pt_path)
+    if not recognise(ckpt):
+        raise CheckpointError(f"{pt_path}: not an official {kind} checkpoint "
+                              f"(expected a dict with a 'state_dict' of {weights} weights)")
+    config, config_path = read_official_config(pt_path, kind)
+    return ckpt, config, config_path
+
+
+def load_official_rqvae(pt_path: str) -> RQVAE:
+    """An RQ-VAE with the weights of an official `.pt`, built from `config.yaml` beside it."""
+    ckpt, config, config_path = read_official_files(pt_path, is_official_rqvae_checkpoint, "RQ-VAE stage-1",
+                                                   "encoder./quantizer.")
+    model = RQVAE.from_config(config["arch"], source=config_path)
     state = ckpt["state_dict"]
     check_shared_codebook_copies(model, state, pt_path)
     strict_load(model, state, pt_path)
@@ -87,3 +103,41 @@ def export_official_rqvae(model: RQVAE, config_arch: Mapping[str, Any], pt_path:
         if os.path.exists(tmp):
             os.remove(tmp)
     save_config({"arch": config_arch}, official_config_path(pt_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: RQ-Transformer
+# ----------------------------------------------------------------------------------------------
+
+def is_official_rqtransformer_checkpoint(obj: Any) -> bool:
+    """True for an official stage-2 file: a dict with a `state_dict` of body_transformer. weights."""
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    return isinstance(state, Mapping) and any(k.startswith("body_transformer.") for k in state)
+
+
+def load_official_rqtransformer(pt_path: str, rqvae: RQVAE, ema: bool = False) -> RQTransformer:
+    """The RQ-Transformer of an official stage-2 `.pt` in eval mode: `state_dict` (or `state_dict_ema`
+    with `ema`), built from the config.yaml beside it, with the codebook of `rqvae`, the paired stage-1 model."""
+    ckpt, config, config_path = read_official_files(pt_path, is_official_rqtransformer_checkpoint,
+                                                   "RQ-Transformer stage-2", "body_transformer.")
+    model = RQTransformer.from_config(config["arch"], source=config_path)
+    model.set_codebook_from(rqvae, source=f"{pt_path} with the given stage-1 model")
+    key = "state_dict_ema" if ema else "state_dict"
+    if not isinstance(ckpt.get(key), Mapping):
+        raise CheckpointError(f"{pt_path}: has no '{key}' (EMA weights); load it without --ema")
+    state = dict(ckpt[key])
+    if hasattr(model, "codebook"):
+        state["codebook"] = model.codebook  # not in official files: the codebook lives in the stage-1 model
+    strict_load(model, state, pt_path)
+    return model.eval()
+
+
+def official_sampling_defaults(pt_path: str) -> dict[str, Any]:
+    """`temperature`, `top_k`, `top_p` of a released stage-2 config.yaml (its `sampling` section, else
+    `experiment.sample`); temperature 1.0 and top_k / top_p None where the file gives none."""
+    config, _ = read_official_config(pt_path, "RQ-Transformer stage-2")
+    sampling = config.get("sampling") or {}
+    experiment_sample = (config.get("experiment") or {}).get("sample") or {}
+    return {"temperature": sampling.get("temp", 1.0),
+            "top_k": sampling.get("top_k", experiment_sample.get("top_k")),
+            "top_p": sampling.get("top_p", experiment_sample.get("top_p"))}

@@ -1,4 +1,4 @@
-"""Config schema of the RQ-VAE `arch` section, as the official stage-1 YAMLs and saved config.yaml write it.
+"""Config schemas of the RQ-VAE and RQ-Transformer `arch` sections, as official YAMLs and config.yaml write them.
 
 Defaults are those the official set-up merges in (so a repository YAML and a released
 config.yaml both validate); keys the model ignores are accepted because saved configs contain them.
@@ -38,4 +38,40 @@ RQVAE_ARCH = {
         "attn_resolutions": Field(list, items=int, doc="resolutions whose levels get attention after each block"),
         "dropout": Field(float, 0.0, doc="dropout inside the residual blocks"),
     },
+}
+
+ATTENTION_BLOCK = {
+    "embed_dim": Field(int, None, doc="width; must equal arch.embed_dim (null: take it from there)"),
+    "n_head": Field(int, doc="attention heads"),
+    "mlp_bias": Field(bool, True),
+    "attn_bias": Field(bool, True),
+    "attn_pdrop": Field(float, 0.0, doc="dropout on the attention weights"),
+    "resid_pdrop": Field(float, 0.1, doc="dropout on the attention and MLP outputs"),
+    "gelu": Field(str, "v1", choices=("v1", "v2"), doc="v1: exact erf GELU; v2: x * sigmoid(1.702 x)"),
+}
+
+# The RQ-Transformer `arch` section: every field of the official RQTransformerConfig with its
+# default (so released config.yaml files load as they are), plus our classifier-free guidance.
+RQTRANSFORMER_ARCH = {
+    "type": Field(str, "rq-transformer", choices=("rq-transformer",), doc="model family"),
+    "ema": Field((bool, float), None, doc="whether training keeps an EMA copy of the weights"),
+    "ar_hierarchy": Field(object, None, doc="ignored (official saved configs contain it)"),
+    "vocab_size": Field((int, list), None, doc="codebook size of the RQ-VAE (or one equal value per depth)"),
+    "block_size": Field(list, items=int, doc="[h, w, D]: code grid and depth"),
+    "vocab_size_cond": Field(int, 0, doc="classes (1 or 0: unconditional, cond_emb is a start token)"),
+    "block_size_cond": Field(int, 0, doc="condition tokens (0 or 1; text models with 32 are not supported)"),
+    "embed_dim": Field(int, doc="transformer width C"),
+    "input_embed_dim": Field(int, None, doc="RQ-VAE codebook dimension"),
+    "use_padding_emb": Field(bool, False, doc="ignored (official saved configs contain it)"),
+    "input_emb_vqvae": Field(bool, False, doc="spatial inputs from the RQ-VAE codebook through input_mlp"),
+    "head_emb_vqvae": Field(bool, False, doc="depth inputs from the RQ-VAE codebook through head_mlp"),
+    "scaled_head_emb_vqvae": Field(bool, False, doc="ignored (official saved configs contain it)"),
+    "cumsum_depth_ctx": Field(bool, False, doc="depth inputs are cumulative sums of code vectors"),
+    "shared_tok_emb": Field(bool, False, doc="one token table for every depth (when a table is used)"),
+    "embd_pdrop": Field(float, 0.0, doc="dropout on the body's input sequence"),
+    "body": {"n_layer": Field(int, doc="spatial transformer layers"), "block": ATTENTION_BLOCK},
+    "head": {"n_layer": Field(int, doc="depth transformer layers"), "block": ATTENTION_BLOCK},
+    "shared_cls_emb": Field(bool, False, doc="one output layer for every depth"),
+    "cfg_null_class": Field(bool, False, doc="ours: an extra null class row in cond_emb for classifier-free guidance"),
+    "class_dropout": Field(float, 0.0, doc="ours: probability of replacing the class by the null class in training"),
 }
