@@ -121,3 +121,17 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def sync_gradients(module: torch.nn.Module) -> None:
+    """Average a module's gradients over ranks, for a module that is not DDP-wrapped.
+
+    The GAN discriminators are not: they run twice per step (real and fake in separate calls,
+    so each gets its own BatchNorm statistics) and once in the generator step, whose gradients
+    they must not keep.
+    """
+    if not is_distributed():
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            all_reduce_mean(p.grad)

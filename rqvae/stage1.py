@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from common.config import ANY, Field
-from common.dist import DistEnv, all_gather_cat, all_reduce_mean, is_distributed
+from common.dist import DistEnv, all_gather_cat, is_distributed, sync_gradients
 from common.losses import DISC_LOSSES, GEN_LOSSES, LPIPS, NLayerDiscriminator, adaptive_generator_weight
 from common.optim import OPTIMIZER_SCHEMA, build_optimizer, build_scheduler
 from common.data import DATASET_SCHEMA
@@ -52,17 +52,6 @@ STAGE1_SCHEMA = {
     "runtime": ANY,
     "result_path": ANY,
 }
-
-
-def sync_gradients(module: torch.nn.Module) -> None:
-    """Average gradients over ranks. The discriminator is not DDP-wrapped because it runs twice per step
-    (real and fake in separate calls, so each gets its own BatchNorm statistics) and once in the generator
-    step whose gradients it must not keep."""
-    if not is_distributed():
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            all_reduce_mean(p.grad)
 
 
 class RQVAEStage1Task:
