@@ -1,0 +1,252 @@
+"""Score generated images against a reference: FID, Inception Score, precision/recall (stock torch-fidelity).
+
+    python compute_metrics.py --fake SAMPLES --ref REFERENCE [--metrics fid,isc,prc] [--inception-weights FILE]
+    python compute_metrics.py fake_path=SAMPLES ref_dataset=imagenet     # the official RQ-VAE form
+    python compute_metrics.py --fake FOLDER --save-stats OUT.npz         # reference statistics, computed once
+    torchrun --nproc_per_node 8 compute_metrics.py --fake ... --ref ...  # features extracted in 8 shards
+
+SAMPLES is a folder of images or an ADM .npz batch (arr_0 uint8 N x H x W x 3). REFERENCE is the same,
+a statistics .npz (mu, sigma), or a name of REFERENCE_STATS looked up under --stats-dir. Prints one
+table and writes metrics.json beside the samples (SAMPLES/metrics.json, or NAME.metrics.json beside
+NAME.npz).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+
+import torch_fidelity
+from torch.utils.data import Dataset
+
+from common import dist
+from common.errors import ConfigError, DataError, cli_entry
+from common.metrics import (FIDStatistics, InceptionAccumulator, extract_features, find_inception_weights,
+                            frechet_distance, load_inception, load_statistics, open_images, precision_recall)
+from common.metrics.fidelity import check_feature_dims, check_image_count, npz_keys, write_atomic
+from common.metrics.images import NpzImages
+from common.metrics.inception import INCEPTION_NAME, POOL, POOL_DIM
+
+METRICS = ("fid", "isc", "prc")
+DEFAULT_STATS_DIR = os.path.join("assets", "fid_stats")
+REFERENCE_STATS = {  # ref_dataset name -> statistics file under --stats-dir
+    "imagenet": "imagenet_256_train.npz",  # the official RQ-VAE fid_stats.tar.gz
+    "ffhq": "ffhq_256_train.npz",
+    "lsun_bedroom": "lsun_256_bedroom.npz",
+    "lsun_cat": "lsun_256_cat.npz",
+    "lsun_church": "lsun_256_church.npz",
+    "cc3m": "cc3m_256_val.npz",
+    "coco_2014val": "coco_256_val.npz",
+    "adm_in256": "adm_in256_stats.npz",  # MAR's fid_stats/adm_in256_stats.npz
+}
+STATS_SOURCES = ("the RQ-VAE files come in fid_stats.tar.gz (kakaobrain/rq-vae-transformer README); "
+                 "adm_in256_stats.npz is in LTH14/mar under fid_stats/")
+FID_50K = 50_000
+BACKEND = f"torch-fidelity {torch_fidelity.__version__} {INCEPTION_NAME}"
+
+
+@dataclass
+class Reference:
+    """What --ref names: precomputed statistics, images, or both (an ADM reference batch)."""
+
+    path: str
+    stats: FIDStatistics | None = None
+    images: Dataset | None = None
+
+    @property
+    def description(self) -> str:
+        if self.stats is None:
+            return f"{self.path} (images)"
+        return f"{self.path} (mu/sigma" + (f", {self.stats.num_images} images)" if self.stats.num_images else ")")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("official", nargs="*", metavar="KEY=VALUE",
+                        help="official form: fake_path=SAMPLES ref_dataset=NAME")
+    parser.add_argument("--fake", help="generated images: a folder or an .npz batch (arr_0)")
+    parser.add_argument("--ref", help="reference: a folder, an .npz batch, a statistics .npz, or a name: "
+                                      + ", ".join(REFERENCE_STATS))
+    parser.add_argument("--metrics", help="comma-separated, from " + ",".join(METRICS) + " (default fid,isc; "
+                                          "none without a reference)")
+    parser.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth "
+                                                    "(default: torch's hub cache)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch per process")
+    parser.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--stats-dir", default=DEFAULT_STATS_DIR, help="where named reference statistics live")
+    parser.add_argument("--save-stats", metavar="OUT.npz", help="also write mu/sigma of --fake to this file")
+    args = parser.parse_args(argv)
+    for token in args.official:
+        key, _, value = token.partition("=")
+        if key not in ("fake_path", "ref_dataset") or not value:
+            raise ConfigError(f"{token!r}: the official form takes fake_path=SAMPLES and ref_dataset=NAME")
+        setattr(args, "fake" if key == "fake_path" else "ref", value)
+    if not args.fake:
+        raise ConfigError("no generated images given: pass --fake SAMPLES (or fake_path=SAMPLES)")
+    if not args.ref and not args.save_stats:
+        raise ConfigError("no reference given: pass --ref REFERENCE (or ref_dataset=NAME), "
+                          "or only --save-stats OUT.npz to write the statistics of --fake")
+    requested = args.metrics if args.metrics is not None else ("fid,isc" if args.ref else "")
+    args.metrics = [name.strip() for name in requested.split(",") if name.strip()]
+    if set(args.metrics) - set(METRICS) or (args.ref and not args.metrics):
+        raise ConfigError(f"--metrics {requested}: choose from {','.join(METRICS)}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+    return args
+
+
+def resolve_reference(ref: str, stats_dir: str) -> Reference:
+    """Open --ref: a path, or a ref_dataset name resolved to a statistics file under `stats_dir`."""
+    path = ref
+    if not os.path.exists(path):
+        if ref not in REFERENCE_STATS:
+            raise DataError(f"--ref {ref}: no such file or folder, and not a reference name "
+                            f"({', '.join(REFERENCE_STATS)})")
+        path = os.path.join(stats_dir, REFERENCE_STATS[ref])
+        if not os.path.isfile(path):
+            raise DataError(f"reference statistics for {ref} not found at {path}: put {REFERENCE_STATS[ref]} "
+                            f"in {stats_dir} or pass --stats-dir DIR; {STATS_SOURCES}")
+    if os.path.isdir(path):
+        return Reference(path, images=open_images(path))
+    keys = npz_keys(path)
+    if "arr_0" in keys and not {"mu", "sigma"} <= set(keys):
+        return Reference(path, images=NpzImages(path))
+    images = NpzImages(path) if "arr_0" in keys else None  # an ADM reference batch: stats for FID, images for PRC
+    return Reference(path, stats=load_statistics(path), images=images)
+
+
+def needs_reference_images(metrics: list[str], reference: Reference | None) -> bool:
+    """Precision/recall always, FID when the reference has no statistics."""
+    return "prc" in metrics or ("fid" in metrics and reference.stats is None)
+
+
+def check_metrics(metrics: list[str], fake: str, fake_images: Dataset, reference: Reference | None) -> None:
+    """Refuse what cannot be scored before any feature is extracted."""
+    if reference is None and {"fid", "prc"} & set(metrics):
+        raise ConfigError("fid and prc compare with a reference: pass --ref REFERENCE (or ref_dataset=NAME)")
+    if "prc" in metrics and reference.images is None:
+        raise ConfigError("precision/recall (prc) needs reference images, and --ref holds statistics only; "
+                          "pass a folder or an .npz batch as --ref, or drop prc from --metrics")
+    for metric in metrics:
+        check_image_count(metric, len(fake_images), fake)
+        if needs_reference_images([metric], reference):
+            check_image_count(metric, len(reference.images), reference.path)
+    if "fid" in metrics and reference.stats is not None:
+        check_feature_dims(POOL_DIM, f"{fake} (Inception pool)", reference.stats.dim, reference.path)
+
+
+def metrics_json_path(fake: str) -> str:
+    if os.path.isdir(fake):
+        return os.path.join(fake, "metrics.json")
+    return os.path.splitext(fake)[0] + ".metrics.json"
+
+
+def image_size(images: Dataset, resized: int) -> str:
+    width, height = images.size
+    return f"{width}x{height}" + (f" ({resized} resized)" if resized else "")
+
+
+def print_table(results: dict) -> None:
+    rows = [("metric", "value", "images", "reference", "backend", "image size")]
+    reference, images, size, backend = results["reference"], str(results["num_images"]), results["image_size"], BACKEND
+    if "fid" in results:
+        rows.append(("FID", f"{results['fid']:.4f}", images, reference, backend, size))
+    if "is_mean" in results:
+        rows.append(("IS", f"{results['is_mean']:.4f} ± {results['is_std']:.4f}", images, "-", backend, size))
+    if "precision" in results:
+        reference_images = results["reference_images"]
+        rows.append(("precision", f"{results['precision']:.4f}", images, reference_images, backend, size))
+        rows.append(("recall", f"{results['recall']:.4f}", images, reference_images, backend, size))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            print("-+-".join("-" * width for width in widths))
+
+
+def features_of(images: Dataset, name: str, extractor, env: dist.DistEnv, args: argparse.Namespace,
+                notes: list[str]) -> tuple[InceptionAccumulator, int]:
+    """Inception features of one image set (sharded over ranks) and how many of its images were resized."""
+    accumulator = InceptionAccumulator(extractor, name)
+    resized = extract_features(images, accumulator, env, args.batch_size, args.num_workers, desc=name)
+    if resized:
+        width, height = images.size
+        notes.append(f"{resized} of {len(images)} images in {name} were not {width}x{height} "
+                     f"and were resized to it (PIL bicubic)")
+    return accumulator, resized
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict | None:
+    """Compute the metrics; on rank 0 print the table, write metrics.json and return the results."""
+    args = parse_args(argv)
+    fake = open_images(args.fake)
+    reference = resolve_reference(args.ref, args.stats_dir) if args.ref else None
+    check_metrics(args.metrics, args.fake, fake, reference)
+    if args.save_stats:
+        check_image_count("fid", len(fake), args.fake)
+    weights = find_inception_weights(args.inception_weights)
+    env = dist.setup(args.device)
+    try:
+        extractor = load_inception(weights, env.device)
+        notes: list[str] = []
+        fake_features, resized = features_of(fake, args.fake, extractor, env, args, notes)
+        ref_features = None
+        if needs_reference_images(args.metrics, reference):
+            ref_features, _ = features_of(reference.images, reference.path, extractor, env, args, notes)
+        fake_features.gather()  # collective: every rank takes part, rank 0 scores
+        if ref_features is not None:
+            ref_features.gather()
+        fake_stats = fake_features.statistics() if "fid" in args.metrics or args.save_stats else None
+        if not env.is_main:
+            return None
+        results = score(args, env, reference, fake_features, ref_features, fake_stats, notes)
+        results["image_size"] = image_size(fake, resized)
+        results["backend"] = (f"{BACKEND} ({os.path.basename(weights)}); uint8 RGB in, TF1-compatible bilinear "
+                              "resize to 299 inside the network")
+        report(args, results, fake_stats, notes)
+        return results
+    finally:
+        dist.barrier()
+        dist.cleanup()
+
+
+def score(args: argparse.Namespace, env: dist.DistEnv, reference: Reference | None,
+          fake_features: InceptionAccumulator, ref_features: InceptionAccumulator | None,
+          fake_stats: FIDStatistics | None, notes: list[str]) -> dict:
+    """The requested metrics from gathered features (rank 0)."""
+    num_images = len(fake_features.gather()[POOL])
+    results = {"num_images": num_images, "reference": reference.description if reference else "-"}
+    if "fid" in args.metrics:
+        ref_stats = reference.stats or ref_features.statistics()
+        results["fid"] = frechet_distance(fake_stats, ref_stats)
+        if num_images != FID_50K:
+            notes.append(f"FID over {num_images} images: report it as FID-{num_images}; only N = 50,000 is FID-50K")
+    if "isc" in args.metrics:
+        results["is_mean"], results["is_std"] = fake_features.inception_score()
+    if "prc" in args.metrics:
+        ref_pool = ref_features.gather()[POOL]
+        results["precision"], results["recall"] = precision_recall(fake_features.gather()[POOL].to(env.device),
+                                                                   ref_pool.to(env.device))
+        results["reference_images"] = f"{reference.path} ({len(ref_pool)} images)"
+    return results
+
+
+def report(args: argparse.Namespace, results: dict, fake_stats: FIDStatistics | None, notes: list[str]) -> None:
+    """Print the table and the notes; write metrics.json and the --save-stats file."""
+    if args.save_stats:
+        fake_stats.save(args.save_stats)
+        notes.append(f"wrote the statistics of {args.fake} ({fake_stats.num_images} images) to {args.save_stats}")
+    if args.metrics:
+        print_table(results)
+        path = metrics_json_path(args.fake)
+        write_atomic(path, lambda handle: handle.write((json.dumps(results, indent=2) + "\n").encode()))
+        notes.append(f"wrote {path}")
+    for note in notes:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()
