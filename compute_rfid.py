@@ -43,6 +43,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@torch.no_grad()
+def reconstruction_metrics(model, loader, env: dist.DistEnv, inception=None, lpips=None,
+                           desc: str = "reconstruct") -> dict:
+    """rFID (when an Inception network is given), PSNR, SSIM, LPIPS (when given) and per-depth codebook usage
+    of a tokenizer over a loader of {"image"} batches; collective under torchrun."""
+    real = InceptionAccumulator(inception, "originals") if inception is not None else None
+    fake = InceptionAccumulator(inception, "reconstructions") if inception is not None else None
+    meter = ReconstructionMeter(lpips, env.device)
+    counts = None
+    for batch in tqdm(loader, desc=desc, disable=not env.is_main):
+        x = batch["image"].to(env.device)
+        recon, _, codes = model(x)
+        recon = recon.clamp(-1, 1)
+        if real is not None:
+            real.add(x)
+            fake.add(recon)
+        meter.update(x, recon)
+        depth_codes = codes if codes.ndim == 4 else codes.unsqueeze(-1)  # (B, h, w, D); D = 1 without depth
+        batch_counts = torch.stack([code_counts(depth_codes[..., d], model.vocab_size)
+                                    for d in range(depth_codes.shape[-1])])
+        counts = batch_counts if counts is None else counts + batch_counts
+    counts = dist.all_reduce_sum(counts.to(env.device)).cpu()
+    results = {"rfid": fake.fid(real)} if real is not None else {}
+    results.update(meter.compute())
+    for depth, depth_counts in enumerate(counts):
+        results.update({f"{k}_d{depth}": v for k, v in usage_from_counts(depth_counts).items()})
+    return results
+
+
 @cli_entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -63,26 +92,8 @@ def main(argv=None) -> dict:
     loader = build_loader(dataset, args.batch_size, env.world_size, env.rank, shuffle=False,
                           num_workers=args.num_workers, drop_last=False)
 
-    real, fake = InceptionAccumulator(inception, "originals"), InceptionAccumulator(inception, "reconstructions")
-    meter = ReconstructionMeter(lpips, env.device)
-    counts = None
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=f"rFID {args.split}", disable=not env.is_main):
-            x = batch["image"].to(env.device)
-            recon, _, codes = model(x)
-            recon = recon.clamp(-1, 1)
-            real.add(x)
-            fake.add(recon)
-            meter.update(x, recon)
-            depth_codes = codes if codes.ndim == 4 else codes.unsqueeze(-1)  # (B, h, w, D); D = 1 without depth
-            batch_counts = torch.stack([code_counts(depth_codes[..., d], model.vocab_size)
-                                        for d in range(depth_codes.shape[-1])])
-            counts = batch_counts if counts is None else counts + batch_counts
-    counts = dist.all_reduce_sum(counts.to(env.device)).cpu()
-    results = {"rfid": fake.fid(real), **meter.compute()}
-    for depth, depth_counts in enumerate(counts):
-        results.update({f"{k}_d{depth}": v for k, v in usage_from_counts(depth_counts).items()})
-    results.update(checkpoint=os.path.abspath(args.vqvae), split=args.split, num_images=len(real.gather()["2048"]))
+    results = reconstruction_metrics(model, loader, env, inception, lpips, desc=f"rFID {args.split}")
+    results.update(checkpoint=os.path.abspath(args.vqvae), split=args.split)
 
     if env.is_main:
         lines = [f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}" for k, v in results.items()]
