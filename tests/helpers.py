@@ -22,3 +22,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def train_records(run_dir) -> list[dict]:
+    """The training records of a run's metrics.jsonl, in order."""
+    from common.runlog import read_metrics
+
+    return [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["split"] == "train"]
+
+
+def assert_resume_is_exact(main, args: list, tmp_path, run_name: str, stop_step: int, total_steps: int) -> None:
+    """A run stopped at `stop_step` and resumed logs exactly what an uninterrupted run logs (every step logged)."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    main([*args, "-r", str(full)])
+    main([*args, "-r", str(part), f"experiment.max_steps={stop_step}"])
+    main([*args, "-r", str(part), "--resume"])
+    expected, resumed = train_records(full / run_name), train_records(part / run_name)
+    assert [r["step"] for r in resumed] == list(range(1, total_steps + 1))
+    assert expected == resumed

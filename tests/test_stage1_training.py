@@ -1,11 +1,9 @@
 """Stage-1 training through main_stage1.py: loss falls, resume is exact, DDP matches one process, errors are clear."""
-import os
 
 import pytest
 
 import main_stage1
-from common.runlog import read_metrics
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import assert_resume_is_exact, train_records, assert_one_line_error, run_cli
 
 CONFIG = "configs/shapes/stage1/rqvae.yaml"
 # 16x16 shapes, one downsampling: the smallest RQ-VAE that still exercises every part of the step.
@@ -13,10 +11,6 @@ TINY = ["dataset.resolution=16", "dataset.num_samples=64", "arch.ddconfig.resolu
         "arch.ddconfig.ch_mult=[1,2]", "arch.hparams.latent_shape=[8,8,32]", "arch.hparams.n_embed=32",
         "experiment.batch_size=8", "experiment.log_every=1", "experiment.eval_batches=2",
         "gan.loss.disc_start=1", "experiment.num_workers=0"]
-
-
-def train_records(run_dir):
-    return [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["split"] == "train"]
 
 
 def test_tiny_training_loss_falls(tmp_path):
@@ -32,15 +26,8 @@ def test_tiny_training_loss_falls(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    main_stage1.main(["-m", CONFIG, "-r", str(full), *TINY, "experiment.epochs=2"])
-    main_stage1.main(["-m", CONFIG, "-r", str(part), *TINY, "experiment.epochs=2", "experiment.max_steps=11"])
-    main_stage1.main(["-m", CONFIG, "-r", str(part), *TINY, "experiment.epochs=2", "--resume"])
-    expected = train_records(full / "rqvae")
-    resumed = train_records(part / "rqvae")
-    assert [r["step"] for r in resumed] == list(range(1, 17))
-    for a, b in zip(expected, resumed):
-        assert a == b  # every logged loss identical, before and after the interruption at step 11
+    assert_resume_is_exact(main_stage1.main, ["-m", CONFIG, *TINY, "experiment.epochs=2"], tmp_path, "rqvae", stop_step=11,
+                           total_steps=16)
 
 
 

@@ -7,8 +7,7 @@ import torch
 
 import main_stage2
 from common.codes import CodesDataset
-from common.runlog import read_metrics
-from tests.helpers import DATA, assert_one_line_error, run_cli
+from tests.helpers import assert_resume_is_exact, train_records, DATA, assert_one_line_error, run_cli
 
 CONFIG = "configs/shapes/stage2/rqtransformer.yaml"
 STAGE1 = os.path.join(DATA, "rqvae", "stage1", "model.pt")  # 16x16 images -> 8x8x3 codes, 32 codes
@@ -16,10 +15,6 @@ STAGE2 = os.path.join(DATA, "rqvae", "stage2", "model.pt")
 TINY = ["-v", STAGE1, "dataset.resolution=16", "dataset.num_samples=64", "arch.block_size=[8,8,3]",
         "arch.embed_dim=32", "arch.body.n_layer=2", "arch.head.n_layer=1", "experiment.batch_size=8",
         "experiment.log_every=1", "experiment.eval_batches=2", "experiment.sample.top_k=4"]
-
-
-def train_records(run_dir):
-    return [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["split"] == "train"]
 
 
 def test_tiny_training_loss_falls_with_soft_targets(tmp_path):
@@ -36,14 +31,8 @@ def test_tiny_training_loss_falls_with_soft_targets(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    common = [*TINY, "experiment.epochs=2"]
-    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path / "full"), *common])
-    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path / "part"), *common, "experiment.max_steps=5"])
-    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path / "part"), *common, "--resume"])
-    expected = train_records(tmp_path / "full" / "rqtransformer")
-    resumed = train_records(tmp_path / "part" / "rqtransformer")
-    assert [r["step"] for r in resumed] == list(range(1, 17))
-    assert expected == resumed
+    assert_resume_is_exact(main_stage2.main, ["-m", CONFIG, *TINY, "experiment.epochs=2"], tmp_path, "rqtransformer", stop_step=5,
+                           total_steps=16)
 
 
 def test_extracted_codes_sharded_over_two_processes_and_ddp_training(tmp_path):
