@@ -17,7 +17,6 @@ from common.dist import DistEnv, all_gather_cat, is_distributed, sync_gradients
 from common.losses import DISC_LOSSES, GEN_LOSSES, LPIPS, NLayerDiscriminator, adaptive_generator_weight
 from common.optim import OPTIMIZER_SCHEMA, build_optimizer, build_scheduler
 from common.data import DATASET_SCHEMA
-from common.metrics import codebook_usage
 from common.trainer import EXPERIMENT_SCHEMA, Position
 from rqvae.schema import RQVAE_ARCH
 from rqvae.vqvae import RQVAE
@@ -150,9 +149,7 @@ class RQVAEStage1Task:
         logs = {key: value / max(count, 1) for key, value in totals.items()}
         if all_codes:
             codes = all_gather_cat(torch.cat(all_codes).to(self.env.device)).cpu()  # usage over the whole split
-            for depth in range(codes.shape[-1]):
-                usage = codebook_usage(codes[..., depth], self.model.vocab_size)
-                logs.update({f"{name}_d{depth}": value for name, value in usage.items()})
+            logs.update(self.model.codebook_usage(codes))
         return logs
 
     @torch.no_grad()
