@@ -1,0 +1,146 @@
+"""The main job on a fresh machine: train each method's tiny configs on built-in shapes, sample, score.
+
+    python scripts/quickstart.py                  # every method, about 10 minutes on 2 CPU cores
+    python scripts/quickstart.py --method rqvae   # one method
+
+Writes outputs/quickstart/: per method the training runs (checkpoints, metrics.jsonl, grids),
+reconstruction and sample grids, and one metrics.json for everything; prints a summary.
+FID needs the Inception weights file (see README, "Pretrained weights"); without it the
+quickstart says so and reports the other scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import main_stage1  # noqa: E402
+import main_stage2  # noqa: E402
+from common import dist  # noqa: E402
+from common.data import build_dataset, build_loader, save_image_grid  # noqa: E402
+from common.errors import WeightsError, cli_entry  # noqa: E402
+from common.metrics import InceptionAccumulator, find_inception_weights, load_inception  # noqa: E402
+from compute_rfid import reconstruction_metrics  # noqa: E402
+from methods import load_prior, load_tokenizer  # noqa: E402
+
+METHODS = ("rqvae",)
+CLASSES = 10
+
+
+def find_inception(path: str | None):
+    """The Inception network when its weights file is present, else None and the reason."""
+    try:
+        return load_inception(find_inception_weights(path)), None
+    except WeightsError as error:
+        return None, str(error)
+
+
+def score_samples(images: torch.Tensor, reference: torch.Tensor, inception) -> dict:
+    """FID of generated vs reference shapes (same count) and Inception Score, when Inception is available."""
+    if inception is None:
+        return {}
+    fake, real = InceptionAccumulator(inception, "samples"), InceptionAccumulator(inception, "shapes val")
+    for chunk in images.split(64):
+        fake.add(chunk)
+    for chunk in reference.split(64):
+        real.add(chunk)
+    is_mean, is_std = fake.inception_score()
+    return {"fid": fake.fid(real), "is_mean": is_mean, "is_std": is_std, "num_images": len(images),
+            "fid_note": f"FID-{len(images)} against as many shapes validation images (not FID-50K)"}
+
+
+def run_rqvae(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
+    """RQ-VAE on shapes, then the class-conditional RQ-Transformer on its codes, then samples."""
+    runs = os.path.join(out, "runs")
+    stage1_overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
+        ["dataset.num_samples=3200", "experiment.epochs=3"]
+    main_stage1.main(["-m", "configs/shapes/stage1/rqvae.yaml", "-r", runs, "--device", str(env.device),
+                      *stage1_overrides])
+    stage1 = os.path.join(runs, "rqvae", "last.pt")
+    tokenizer, _ = load_tokenizer(stage1)
+    tokenizer = tokenizer.to(env.device)
+
+    val = build_dataset("shapes", "val", resolution=32, num_samples=200 if fast else 1000)
+    loader = build_loader(val, 100, shuffle=False, drop_last=False)
+    stage1_scores = reconstruction_metrics(tokenizer, loader, env, inception, desc="reconstruction scores")
+    originals = torch.stack([val[i]["image"] for i in range(16)])
+    with torch.no_grad():
+        recon = tokenizer(originals.to(env.device))[0].clamp(-1, 1).cpu()
+    save_image_grid(torch.cat([originals, recon]), os.path.join(out, "reconstructions.png"), nrow=16)
+
+    stage2_overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
+        ["dataset.num_samples=3200", "experiment.epochs=4"]
+    main_stage2.main(["-m", "configs/shapes/stage2/rqtransformer.yaml", "-r", runs, "-v", stage1,
+                      "--device", str(env.device), *stage2_overrides])
+    prior, _, _ = load_prior(os.path.join(runs, "rqtransformer", "last.pt"), tokenizer)
+    prior = prior.to(env.device)
+
+    per_class = 2 if fast else 20
+    labels = torch.arange(CLASSES, device=env.device).repeat_interleave(per_class)
+    generator = torch.Generator(env.device).manual_seed(0)
+    samples = {}
+    for cfg_scale in (1.0, 3.0):
+        codes = torch.cat([prior.generate(chunk, top_k=16, cfg_scale=cfg_scale, generator=generator)
+                           for chunk in labels.split(100)])
+        with torch.no_grad():
+            samples[cfg_scale] = tokenizer.decode_codes(codes).clamp(-1, 1).cpu()
+        grid = samples[cfg_scale].reshape(CLASSES, per_class, 3, 32, 32)[:, :min(per_class, 10)]
+        save_image_grid(grid.transpose(0, 1).reshape(-1, 3, 32, 32),
+                        os.path.join(out, f"samples_cfg{cfg_scale:g}.png"), nrow=CLASSES)
+    reference = torch.stack([val[i]["image"] for i in range(len(labels))])
+    sample_scores = {f"cfg{scale:g}": score_samples(images, reference, inception) for scale, images in samples.items()}
+    return {"stage1_reconstruction": stage1_scores, "samples": sample_scores,
+            "files": {"reconstructions": "reconstructions.png", "samples": [f"samples_cfg{s:g}.png" for s in samples],
+                      "runs": "runs/"}}
+
+
+def summary_lines(method: str, result: dict, seconds: float) -> list[str]:
+    recon = result["stage1_reconstruction"]
+    lines = [f"{method}: {seconds / 60:.1f} min",
+             f"  reconstruction: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}, codebook usage "
+             + ", ".join(f"d{d} {recon[f'usage_d{d}']:.0%}" for d in range(8) if f"usage_d{d}" in recon)
+             + (f", rFID {recon['rfid']:.2f}" if "rfid" in recon else "")]
+    for name, scores in result["samples"].items():
+        if scores:
+            lines.append(f"  samples {name}: FID {scores['fid']:.2f} ({scores['fid_note']}), "
+                         f"IS {scores['is_mean']:.2f} ± {scores['is_std']:.2f}")
+    return lines
+
+
+@cli_entry
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=(*METHODS, "all"), default="all")
+    parser.add_argument("--output", default="outputs/quickstart")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--fast", action="store_true", help="a few steps only (smoke test)")
+    args = parser.parse_args(argv)
+
+    env = dist.setup(args.device)
+    inception, missing = find_inception(args.inception_weights)
+    if inception is not None:
+        inception = inception.to(env.device)
+    methods = METHODS if args.method == "all" else (args.method,)
+    results, summary = {}, []
+    for method in methods:
+        out = os.path.join(args.output, method)
+        start = time.time()
+        results[method] = {"rqvae": run_rqvae}[method](out, env, inception, args.fast)
+        summary += summary_lines(method, results[method], time.time() - start)
+    if missing:
+        results["fid_skipped"] = missing
+        summary.append(f"FID and IS skipped: {missing}")
+    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print("\n".join(["", "Quickstart summary", *summary, f"Everything is in {args.output}/ (metrics.json, grids, runs)"]))
+
+
+if __name__ == "__main__":
+    main()

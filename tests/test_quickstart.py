@@ -1,0 +1,21 @@
+"""The quickstart, in its smoke-test size, runs end to end and writes what the README promises."""
+import json
+
+from common.metrics import write_random_inception_weights
+from tests.helpers import run_cli
+
+
+def test_quickstart_fast_writes_grids_metrics_and_summary(tmp_path):
+    weights = write_random_inception_weights(str(tmp_path / "inception.pth"))  # random: only the code path is tested
+    out = tmp_path / "quickstart"
+    result = run_cli("scripts/quickstart.py", "--fast", "--method", "rqvae", "--output", str(out),
+                     "--inception-weights", weights, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.load(open(out / "metrics.json"))
+    recon = metrics["rqvae"]["stage1_reconstruction"]
+    assert recon["psnr"] > 5 and 0 < recon["usage_d0"] <= 1 and "rfid" in recon
+    assert {"fid", "is_mean", "is_std"} <= set(metrics["rqvae"]["samples"]["cfg3"])
+    for name in ("reconstructions.png", "samples_cfg1.png", "samples_cfg3.png", "runs/rqvae/last.pt",
+                 "runs/rqtransformer/last.pt"):
+        assert (out / "rqvae" / name).is_file()
+    assert "Quickstart summary" in result.stdout and "PSNR" in result.stdout
