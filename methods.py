@@ -11,7 +11,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from common.checkpoint import is_our_checkpoint, load_file
+from common.checkpoint import is_our_checkpoint, load_file, strict_load
+from common.config import Config, read_yaml, validate
 from common.errors import CheckpointError, ConfigError
 
 
@@ -22,14 +23,61 @@ class Stage1Method:
     task: Callable[..., Any]  # (config, env, steps_per_epoch, vgg_weights) -> TrainTask
 
 
+def stage1_config_data(raw_config: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A stage-1 YAML's data in our form: an official Open-MAGVIT2 (LightningCLI) YAML is converted, ours kept."""
+    from lfq import official as lfq_official
+
+    if lfq_official.is_lightning_config(raw_config):
+        return lfq_official.stage1_config_from_official(lfq_official.parse_official_config(raw_config, path), path)
+    return dict(raw_config)
+
+
 def stage1_method(raw_config: Mapping[str, Any], path: str) -> Stage1Method:
-    """The tokenizer family of a stage-1 YAML, from `arch.type`."""
+    """The tokenizer family of a stage-1 config (after `stage1_config_data`), from `arch.type`."""
     arch_type = (raw_config.get("arch") or {}).get("type") if isinstance(raw_config.get("arch"), Mapping) else None
     if arch_type == "rq-vae":
         from rqvae.stage1 import STAGE1_SCHEMA, RQVAEStage1Task
 
         return Stage1Method("rqvae", STAGE1_SCHEMA, RQVAEStage1Task)
-    raise ConfigError(f"{path}: arch.type must name a tokenizer this codebase trains (rq-vae), got {arch_type!r}")
+    if arch_type == "lfq":
+        from lfq.stage1 import STAGE1_SCHEMA, LFQStage1Task
+
+        return Stage1Method("lfq", STAGE1_SCHEMA, LFQStage1Task)
+    raise ConfigError(f"{path}: arch.type must name a tokenizer this codebase trains (rq-vae, lfq), got {arch_type!r}")
+
+
+def read_lfq_config(path: str) -> Config:
+    """An Open-MAGVIT2 tokenizer config, official or ours, as our validated stage-1 LFQ config."""
+    data = stage1_config_data(read_yaml(path), path)
+    arch = data.get("arch")
+    if not isinstance(arch, Mapping) or arch.get("type") != "lfq":
+        raise ConfigError(f"{path}: not an Open-MAGVIT2 / LFQ tokenizer config (neither an official LightningCLI "
+                          "YAML nor ours with arch.type lfq); pass the YAML released with the checkpoint")
+    from lfq.stage1 import STAGE1_SCHEMA
+
+    return validate(data, STAGE1_SCHEMA, path)
+
+
+def stage1_starting_weights(obj: Any, path: str, model: torch.nn.Module,
+                            use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(tokenizer weights, discriminator weights or None) to fine-tune from a loaded stage-1 checkpoint:
+    ours, an official RQ-VAE `.pt` or an official Open-MAGVIT2 `.ckpt`; EMA weights where kept, unless
+    `use_ema` is false."""
+    from lfq import official as lfq_official
+    from rqvae import official as rqvae_official
+
+    if is_our_checkpoint(obj):
+        if use_ema and obj.get("ema"):
+            return obj["ema"]["shadow"], (obj.get("disc_ema") or {}).get("shadow", obj.get("discriminator"))
+        return obj["model"], obj.get("discriminator")
+    if lfq_official.is_official_lfq_checkpoint(obj):
+        state = obj["state_dict"]
+        return (lfq_official.official_generator_state(state, model, use_ema, path),
+                lfq_official.official_discriminator_state(state, path, use_ema))
+    if rqvae_official.is_official_rqvae_checkpoint(obj):
+        return obj["state_dict"], obj.get("discriminator")
+    raise CheckpointError(f"{path}: not a stage-1 checkpoint (ours, an official RQ-VAE .pt or an official "
+                          "Open-MAGVIT2 .ckpt)")
 
 
 def build_tokenizer_from_config(config: Mapping[str, Any]) -> torch.nn.Module:
@@ -38,6 +86,10 @@ def build_tokenizer_from_config(config: Mapping[str, Any]) -> torch.nn.Module:
         from rqvae.vqvae import RQVAE
 
         return RQVAE.from_config(config["arch"])
+    if arch_type == "lfq":
+        from lfq.model import LFQTokenizer
+
+        return LFQTokenizer.from_config(config["arch"])
     raise CheckpointError(f"checkpoint holds a {arch_type!r} model, not a tokenizer")
 
 
@@ -45,13 +97,13 @@ def load_tokenizer(path: str, config_path: str | None = None, use_ema: bool = Tr
                    map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """A tokenizer in eval mode from our checkpoint or an official one; returns (model, resolved config).
 
-    Our checkpoints carry their config; an official RQ-VAE `.pt` needs `config.yaml` beside it.
-    EMA weights are used when the checkpoint has them and `use_ema` is true.
+    Our checkpoints carry their config; an official RQ-VAE `.pt` needs `config.yaml` beside it, an
+    official Open-MAGVIT2 `.ckpt` its YAML as `config_path` (official or ours; the returned config is
+    ours, so its `dataset` section serves compute_rfid.py). EMA weights are used when the checkpoint
+    has them and `use_ema` is true.
     """
     obj = load_file(path, map_location)
     if is_our_checkpoint(obj):
-        from common.checkpoint import strict_load
-
         model = build_tokenizer_from_config(obj["config"])
         weights = obj["ema"]["shadow"] if use_ema and obj.get("ema") else obj["model"]
         strict_load(model, weights, path)
@@ -60,7 +112,16 @@ def load_tokenizer(path: str, config_path: str | None = None, use_ema: bool = Tr
 
     if rqvae_official.is_official_rqvae_checkpoint(obj):
         model = rqvae_official.load_official_rqvae(path)
-        from common.config import read_yaml
-
         return model.eval(), read_yaml(os.path.join(os.path.dirname(path), "config.yaml"))
-    raise CheckpointError(f"{path}: not a tokenizer checkpoint this codebase knows (ours, or an official RQ-VAE .pt)")
+    from lfq import official as lfq_official
+
+    if lfq_official.is_official_lfq_checkpoint(obj):
+        if config_path is None:
+            raise CheckpointError(f"{path}: an Open-MAGVIT2 checkpoint needs the YAML it was trained with; "
+                                  "pass it with --config (e.g. imagenet_lfqgan_256_L.yaml)")
+        config = read_lfq_config(config_path)
+        model = build_tokenizer_from_config(config)
+        strict_load(model, lfq_official.official_generator_state(obj["state_dict"], model, use_ema, path), path)
+        return model.eval(), config
+    raise CheckpointError(f"{path}: not a tokenizer checkpoint this codebase knows (ours, an official RQ-VAE .pt "
+                          "or an official Open-MAGVIT2 .ckpt)")

@@ -21,6 +21,9 @@ OPTIMIZER_SCHEMA = {
     "eps": Field(float, 1e-8),
     "max_gn": Field(float, None, doc="gradient-norm clip; null = none"),
     "grad_accm_steps": Field(int, 1),
+    "lr_drop_epoch": Field(list, None, items=int, doc="step decay: the lr is multiplied by lr_drop_rate after "
+                                                       "each of these epochs (1-based; Open-MAGVIT2)"),
+    "lr_drop_rate": Field(float, 0.1),
     "warmup": {
         "epoch": Field(float, 0.0),
         "multiplier": Field(float, 1.0),
@@ -68,9 +71,16 @@ def lr_multiplier(step: int, warmup: Mapping, base_lr: float, steps_per_epoch: i
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def step_decay(step: int, drop_epochs: Iterable[int], rate: float, steps_per_epoch: int) -> float:
+    """`rate` to the power of the drops passed: a drop after epoch e (1-based) acts from step e * steps_per_epoch."""
+    return rate ** sum(step >= epoch * steps_per_epoch for epoch in drop_epochs)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, steps_per_epoch: int, epochs: float,
                     world_size: int = 1) -> LambdaLR:
-    """A per-step scheduler for an `optimizer` config section (see `lr_multiplier`)."""
+    """A per-step scheduler for an `optimizer` config section (see `lr_multiplier` and `step_decay`)."""
     warmup = dict(cfg["warmup"])
     base_lr = cfg["init_lr"]
-    return LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup, base_lr, steps_per_epoch, epochs, world_size))
+    drops, rate = tuple(cfg.get("lr_drop_epoch") or ()), cfg.get("lr_drop_rate", 0.1)
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup, base_lr, steps_per_epoch, epochs, world_size)
+                    * step_decay(step, drops, rate, steps_per_epoch))

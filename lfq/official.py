@@ -7,6 +7,7 @@ runs with the EMA weights, so they are taken by default wherever present.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -30,15 +31,24 @@ def ema_key(name: str) -> str:
 # The YAML
 # ----------------------------------------------------------------------------------------------
 
-def read_official_config(path: str) -> Config:
-    """Read and validate an official tokenizer YAML; any other YAML is a ConfigError."""
-    raw = read_yaml(path)
+def is_lightning_config(raw: Mapping[str, Any]) -> bool:
+    """True for a LightningCLI YAML (`model.class_path`), the form of every Open-MAGVIT2 config."""
+    return isinstance(raw.get("model"), Mapping) and "class_path" in raw["model"]
+
+
+def parse_official_config(raw: Mapping[str, Any], source: str) -> Config:
+    """Validate the data of an official tokenizer YAML; any other config is a ConfigError."""
     model = raw.get("model")
     class_path = model.get("class_path") if isinstance(model, Mapping) else None
     if class_path != OFFICIAL_MODEL_CLASS:
-        raise ConfigError(f"{path}: not an Open-MAGVIT2 tokenizer config (model.class_path must be "
+        raise ConfigError(f"{source}: not an Open-MAGVIT2 tokenizer config (model.class_path must be "
                           f"{OFFICIAL_MODEL_CLASS}, got {class_path!r}); pass the YAML released with the checkpoint")
-    return validate(raw, OPENMAGVIT2_SCHEMA, path)
+    return validate(raw, OPENMAGVIT2_SCHEMA, source)
+
+
+def read_official_config(path: str) -> Config:
+    """Read and validate an official tokenizer YAML; any other YAML is a ConfigError."""
+    return parse_official_config(read_yaml(path), path)
 
 
 def official_image_size(config: Mapping[str, Any]) -> int | None:
@@ -69,6 +79,40 @@ def arch_from_official(config: Mapping[str, Any], source: str, image_size: int |
             "n_embed": args["n_embed"], "embed_dim": args["embed_dim"],
             "sample_minimization_weight": args["sample_minimization_weight"],
             "batch_maximization_weight": args["batch_maximization_weight"]}
+
+
+def stage1_config_from_official(config: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Our stage-1 LFQ config (lfq/stage1.py STAGE1_SCHEMA) carrying every training value of an official YAML.
+
+    Lightning's trainer becomes `experiment` (epochs, validation and log frequency, AMP, the
+    global batch), `lossconfig.params` becomes `loss` (same names), the data section an
+    ImageNet `dataset` with the official transform (Resize + RandomCrop, no flip; the file
+    lists of `subset` are not read). Both Adam optimizers use betas (0.5, 0.9) and a constant
+    lr with the `lr_drop_epoch` steps (the official `scheduler_type` schedulers are never
+    stepped); `resume_lr` is not carried (override `optimizer.init_lr` instead). A missing
+    `learning_rate` becomes the released 1e-4.
+    """
+    trainer, args = config["trainer"], config["model"]["init_args"]
+    arch = arch_from_official(config, source)
+    data_args = config["data"].get("init_args", {}) if isinstance(config["data"], Mapping) else {}
+    batch_size = data_args.get("batch_size", 8)
+    processes = [n for n in (trainer["devices"], trainer["num_nodes"]) if isinstance(n, int)]
+    seed = config["seed_everything"]
+    return {
+        "arch": arch,
+        "dataset": {"type": "imagenet", "transforms": {"type": "openmagvit2"}, "resolution": arch["image_size"]},
+        "optimizer": {"type": "adam", "init_lr": args["learning_rate"] or 1e-4, "betas": [0.5, 0.9],
+                      "warmup": {"epoch": 0.0, "decay": "constant"},
+                      "lr_drop_epoch": args["lr_drop_epoch"], "lr_drop_rate": args["lr_drop_rate"]},
+        "experiment": {"batch_size": batch_size, "epochs": trainer["max_epochs"] or 1000,  # Lightning's default
+                       "test_freq": trainer["check_val_every_n_epoch"], "log_every": trainer["log_every_n_steps"],
+                       "amp": str(trainer["precision"]).endswith("-mixed"),
+                       "total_batch_size": batch_size * math.prod(processes) if len(processes) == 2 else None,
+                       "num_workers": data_args.get("num_workers", 0)},
+        "loss": dict(args["lossconfig"]["params"]),
+        "ema": {"use_ema": args["use_ema"]},
+        "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
