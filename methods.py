@@ -125,3 +125,61 @@ def load_tokenizer(path: str, config_path: str | None = None, use_ema: bool = Tr
         return model.eval(), config
     raise CheckpointError(f"{path}: not a tokenizer checkpoint this codebase knows (ours, an official RQ-VAE .pt "
                           "or an official Open-MAGVIT2 .ckpt)")
+
+
+def load_prior(path: str, tokenizer: torch.nn.Module, use_ema: bool = True, config_path: str | None = None,
+               map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """A stage-2 prior in eval mode for the codes of `tokenizer`; returns (prior, config, sampling defaults).
+
+    Reads our stage-2 checkpoints and official RQ-Transformer `.pt` files (config.yaml beside them).
+    EMA weights are used when the checkpoint has them and `use_ema` is true. The defaults are
+    {temperature, top_k, top_p}: the release's `sampling` section for official files, the training
+    config's `experiment.sample` for ours. A tokenizer whose codes the prior does not model is refused.
+    """
+    from rqvae import official as rqvae_official
+    from rqvae.transformer import RQTransformer
+    from rqvae.vqvae import RQVAE
+
+    obj = load_file(path, map_location)
+    if is_our_checkpoint(obj) and obj.get("kind") != "rq-transformer":
+        raise CheckpointError(f"{path}: holds a {obj.get('kind')!r} model, not a stage-2 prior")
+    if not (is_our_checkpoint(obj) or rqvae_official.is_official_rqtransformer_checkpoint(obj)):
+        raise CheckpointError(f"{path}: not a stage-2 checkpoint this codebase knows (ours or an official "
+                              "RQ-Transformer .pt)")
+    if not isinstance(tokenizer, RQVAE):
+        raise CheckpointError(f"{path}: an RQ-Transformer models the codes of an RQ-VAE, and the stage-1 model given "
+                              f"is a {type(tokenizer).__name__}; pass the RQ-VAE it was trained with")
+    if is_our_checkpoint(obj):
+        config = obj["config"]
+        prior = RQTransformer.from_config(config["arch"], source=path)
+        strict_load(prior, obj["ema"]["shadow"] if use_ema and obj.get("ema") else obj["model"], path)
+        check_prior_codebook(prior, tokenizer, path, config["vqvae"].get("ckpt"))
+        sample = (config.get("experiment") or {}).get("sample") or {}
+        defaults = {"temperature": sample.get("temp", 1.0), "top_k": sample.get("top_k"), "top_p": sample.get("top_p")}
+        return prior.eval(), config, defaults
+    beside = rqvae_official.official_config_path(path)
+    if config_path is not None and os.path.abspath(config_path) != beside:
+        raise ConfigError(f"{config_path}: an official RQ-Transformer is rebuilt from the config.yaml released "
+                          f"with it, which must sit at {beside}")
+    use_ema = use_ema and isinstance(obj.get("state_dict_ema"), Mapping)
+    del obj  # the loader reads the file again; do not hold two copies of a large model
+    prior = rqvae_official.load_official_rqtransformer(path, tokenizer, ema=use_ema)
+    return prior.to(map_location), read_yaml(beside), rqvae_official.official_sampling_defaults(path)
+
+
+@torch.no_grad()
+def check_prior_codebook(prior: torch.nn.Module, tokenizer: torch.nn.Module, path: str, trained_with: str | None
+                         ) -> None:
+    """Our priors keep the codebook they were trained on: the tokenizer must have the same one."""
+    if not hasattr(prior, "codebook"):  # a prior with token tables of its own: only the code shape must agree
+        found = (tokenizer.vocab_size, tuple(tokenizer.code_shape))
+        if found != (prior.vocab_size, prior.block_size):
+            raise CheckpointError(f"{path}: the prior models {prior.vocab_size} codes of shape {list(prior.block_size)}, "
+                                  f"the given stage-1 model makes {found[0]} codes of shape {list(found[1])}")
+        return
+    saved = prior.codebook.clone()
+    prior.set_codebook_from(tokenizer, source=f"{path} with the given stage-1 model")
+    if not torch.equal(saved, prior.codebook.to(saved.device)):
+        raise CheckpointError(f"{path}: the prior was trained on the codes of another RQ-VAE (its codebook differs "
+                              f"from the given stage-1 model's); pass the stage-1 checkpoint it was trained with"
+                              + (f" ({trained_with})" if trained_with else ""))
