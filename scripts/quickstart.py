@@ -29,7 +29,7 @@ from common.metrics import InceptionAccumulator, find_inception_weights, load_in
 from compute_rfid import reconstruction_metrics  # noqa: E402
 from methods import load_prior, load_tokenizer  # noqa: E402
 
-METHODS = ("rqvae",)
+METHODS = ("rqvae", "lfq")
 CLASSES = 10
 
 
@@ -55,24 +55,37 @@ def score_samples(images: torch.Tensor, reference: torch.Tensor, inception) -> d
             "fid_note": f"FID-{len(images)} against as many shapes validation images (not FID-50K)"}
 
 
-def run_rqvae(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
-    """RQ-VAE on shapes, then the class-conditional RQ-Transformer on its codes, then samples."""
+def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEnv, inception, fast: bool):
+    """Train a tiny tokenizer on shapes; score and draw its reconstructions of the validation shapes."""
     runs = os.path.join(out, "runs")
-    stage1_overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
+    overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
         ["dataset.num_samples=3200", "experiment.epochs=3"]
-    main_stage1.main(["-m", "configs/shapes/stage1/rqvae.yaml", "-r", runs, "--device", str(env.device),
-                      *stage1_overrides])
-    stage1 = os.path.join(runs, "rqvae", "last.pt")
-    tokenizer, _ = load_tokenizer(stage1)
+    main_stage1.main(["-m", config, "-r", runs, "--device", str(env.device), *overrides])
+    checkpoint = os.path.join(runs, name, "last.pt")
+    tokenizer, _ = load_tokenizer(checkpoint)
     tokenizer = tokenizer.to(env.device)
-
     val = build_dataset("shapes", "val", resolution=32, num_samples=200 if fast else 1000)
     loader = build_loader(val, 100, shuffle=False, drop_last=False)
-    stage1_scores = reconstruction_metrics(tokenizer, loader, env, inception, desc="reconstruction scores")
+    scores = reconstruction_metrics(tokenizer, loader, env, inception, desc="reconstruction scores")
     originals = torch.stack([val[i]["image"] for i in range(16)])
     with torch.no_grad():
         recon = tokenizer(originals.to(env.device))[0].clamp(-1, 1).cpu()
     save_image_grid(torch.cat([originals, recon]), os.path.join(out, "reconstructions.png"), nrow=16)
+    return checkpoint, tokenizer, val, scores
+
+
+def run_lfq(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
+    """The Open-MAGVIT2 tokenizer (lookup-free quantization, 2^10 codes) on shapes."""
+    _, _, _, scores = train_and_score_tokenizer("configs/shapes/stage1/lfq.yaml", "lfq", out, env, inception, fast)
+    return {"stage1_reconstruction": scores, "samples": {},
+            "files": {"reconstructions": "reconstructions.png", "runs": "runs/"}}
+
+
+def run_rqvae(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
+    """RQ-VAE on shapes, then the class-conditional RQ-Transformer on its codes, then samples."""
+    runs = os.path.join(out, "runs")
+    stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/rqvae.yaml", "rqvae",
+                                                                      out, env, inception, fast)
 
     stage2_overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
         ["dataset.num_samples=3200", "experiment.epochs=4"]
@@ -132,7 +145,7 @@ def main(argv=None) -> None:
     for method in methods:
         out = os.path.join(args.output, method)
         start = time.time()
-        results[method] = {"rqvae": run_rqvae}[method](out, env, inception, args.fast)
+        results[method] = {"rqvae": run_rqvae, "lfq": run_lfq}[method](out, env, inception, args.fast)
         summary += summary_lines(method, results[method], time.time() - start)
     if missing:
         results["fid_skipped"] = missing
