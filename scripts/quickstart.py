@@ -64,7 +64,7 @@ def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEn
     checkpoint = os.path.join(runs, name, "last.pt")
     tokenizer, _ = load_tokenizer(checkpoint)
     tokenizer = tokenizer.to(env.device)
-    val = build_dataset("shapes", "val", resolution=32, num_samples=200 if fast else 1000)
+    val = build_dataset("shapes", "val", resolution=32, num_samples=40 if fast else 1000)
     loader = build_loader(val, 100, shuffle=False, drop_last=False)
     scores = reconstruction_metrics(tokenizer, loader, env, inception, desc="reconstruction scores")
     originals = torch.stack([val[i]["image"] for i in range(16)])
