@@ -130,34 +130,44 @@ def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
 #################################################################################
 
 class NpzImageWriter:
-    """Writes an ADM-style `.npz` batch by batch: arr_0 uint8 (N, H, W, 3), then the labels.
+    """Writes an ADM-style `.npz` batch by batch: arr_0 uint8 (N, H, W, 3) of N = len(labels) images, then
+    the labels.
 
-    Stored uncompressed, so readers can memory-map arr_0; the file appears (renamed) only when complete.
+    Stored uncompressed, so readers can memory-map arr_0. Used as a context manager: the file appears
+    (renamed) only when the block completes, and a failed block leaves nothing behind.
     """
 
-    def __init__(self, path: str, count: int, height: int, width: int):
+    def __init__(self, path: str, labels: np.ndarray, height: int, width: int):
         self.path, self.tmp = path, f"{path}.tmp{os.getpid()}"
-        self.shape, self.written = (count, height, width, 3), 0
+        self.labels = labels.astype(np.int64)
+        self.shape, self.written = (len(labels), height, width, 3), 0
+
+    def __enter__(self) -> NpzImageWriter:
         self.archive = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
         self.stream = self.archive.open("arr_0.npy", "w", force_zip64=True)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": self.shape}
         np.lib.format.write_array_header_1_0(self.stream, header)
+        return self
 
     def add(self, images: np.ndarray) -> None:
         self.stream.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
         self.written += images.shape[0]
 
-    def close(self, labels: np.ndarray) -> None:
+    def __exit__(self, error_type, error, traceback) -> None:
         self.stream.close()
-        if self.written != self.shape[0]:
+        if error_type is None and self.written != self.shape[0]:
             raise RuntimeError(f"{self.path}: {self.written} images written, {self.shape[0]} announced")
-        buffer = io.BytesIO()
-        np.save(buffer, labels.astype(np.int64))
-        for name in ("labels.npy", "arr_1.npy"):
-            self.archive.writestr(name, buffer.getvalue())
+        if error_type is None:
+            buffer = io.BytesIO()
+            np.save(buffer, self.labels)
+            for name in ("labels.npy", "arr_1.npy"):
+                self.archive.writestr(name, buffer.getvalue())
         self.archive.close()
-        os.replace(self.tmp, self.path)
+        if error_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.remove(self.tmp)
 
 
 #################################################################################
@@ -208,6 +218,11 @@ def result_dir(args: argparse.Namespace, sampler: Sampler) -> str:
     return path
 
 
+def images_from_uint8(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> [-1, 1] float (N, 3, H, W)."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def knob_name(values: list) -> str:
     """One value per depth as a folder-name part: the value if all agree, else all of them joined by '_'."""
     return str(values[0]) if len(set(values)) == 1 else "_".join(map(str, values))
@@ -248,7 +263,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         dist.cleanup()
 
 
+def sample_and_save(args: argparse.Namespace, env: dist.DistEnv, sampler: Sampler, labels: torch.Tensor,
+                    out_dir: str, accumulator: InceptionAccumulator | None) -> float:
+    """Every rank samples its batches (and their Inception features); rank 0 gathers and writes the images.
+    Returns the seconds it took."""
+    per_step = args.batch_size * env.world_size
+    size = sampler.tokenizer.image_size
+    writer = (NpzImageWriter(os.path.join(out_dir, "samples.npz"), labels.numpy(), size, size) if env.is_main
+              else contextlib.nullcontext())
+    start = time.perf_counter()
+    with writer:
+        for step in tqdm(range(args.n_samples // per_step), desc="sampling", unit="batch", disable=not env.is_main):
+            batch_index = step * env.world_size + env.rank
+            batch_labels = labels[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]
+            _, images = sampler.generate(batch_labels, args.seed, batch_index)
+            if accumulator is not None:
+                accumulator.add(images)
+            pixels = dist.all_gather_cat(to_uint8(images).to(env.device)).cpu().numpy()  # (world * bs, H, W, 3)
+            if not env.is_main:
+                continue
+            if step == 0:
+                save_image_grid(images_from_uint8(pixels[:100]), os.path.join(out_dir, "grid.png"))
+            for offset, image in enumerate(pixels):
+                Image.fromarray(image).save(os.path.join(out_dir, "samples", f"{step * per_step + offset:05d}.png"))
+            writer.add(pixels)
+    return time.perf_counter() - start
+
+
 def run(args: argparse.Namespace, env: dist.DistEnv) -> dict[str, Any] | None:
+    """Check the request, sample, score; every rank runs this, rank 0 returns the results."""
     sampler = load_sampler(args, env.device)
     labels = balanced_labels(args.n_samples, sampler.prior.num_classes)
     per_step = args.batch_size * env.world_size
@@ -268,27 +311,7 @@ def run(args: argparse.Namespace, env: dist.DistEnv) -> dict[str, Any] | None:
     if env.is_main:
         print(f"sampling {args.n_samples} images with {sampler.describe()}, {env.world_size} process(es) -> {out_dir}")
 
-    writer = None
-    start = time.perf_counter()
-    for step in tqdm(range(args.n_samples // per_step), desc="sampling", unit="batch", disable=not env.is_main):
-        batch_index = step * env.world_size + env.rank
-        batch_labels = labels[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]
-        _, images = sampler.generate(batch_labels, args.seed, batch_index)
-        if accumulator is not None:
-            accumulator.add(images)
-        pixels = dist.all_gather_cat(to_uint8(images).to(env.device)).cpu().numpy()  # (world * bs, H, W, 3)
-        if env.is_main:
-            if writer is None:
-                writer = NpzImageWriter(os.path.join(out_dir, "samples.npz"), args.n_samples, *pixels.shape[1:3])
-                save_image_grid(torch.from_numpy(pixels[:100]).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                                os.path.join(out_dir, "grid.png"))
-            for offset, image in enumerate(pixels):
-                Image.fromarray(image).save(os.path.join(out_dir, "samples", f"{step * per_step + offset:05d}.png"))
-            writer.add(pixels)
-    seconds = time.perf_counter() - start
-    if env.is_main:
-        writer.close(labels.numpy())
-
+    seconds = sample_and_save(args, env, sampler, labels, out_dir, accumulator)
     results = score(accumulator, reference, env, args.batch_size, out_dir) if accumulator is not None else {}
     if not env.is_main:
         return None
