@@ -88,7 +88,7 @@ def run_rqvae(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
                                                                       out, env, inception, fast)
 
     stage2_overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
-        ["dataset.num_samples=3200", "experiment.epochs=4"]
+        ["dataset.num_samples=1600", "experiment.epochs=3"]
     main_stage2.main(["-m", "configs/shapes/stage2/rqtransformer.yaml", "-r", runs, "-v", stage1,
                       "--device", str(env.device), *stage2_overrides])
     prior, _, _ = load_prior(os.path.join(runs, "rqtransformer", "last.pt"), tokenizer)
