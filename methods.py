@@ -174,8 +174,9 @@ def check_prior_codebook(prior: torch.nn.Module, tokenizer: torch.nn.Module, pat
     if not hasattr(prior, "codebook"):  # a prior with token tables of its own: only the code shape must agree
         found = (tokenizer.vocab_size, tuple(tokenizer.code_shape))
         if found != (prior.vocab_size, prior.block_size):
-            raise CheckpointError(f"{path}: the prior models {prior.vocab_size} codes of shape {list(prior.block_size)}, "
-                                  f"the given stage-1 model makes {found[0]} codes of shape {list(found[1])}")
+            raise CheckpointError(f"{path}: the prior models {prior.vocab_size} codes of shape "
+                                  f"{list(prior.block_size)}, the given stage-1 model makes {found[0]} codes of "
+                                  f"shape {list(found[1])}")
         return
     saved = prior.codebook.clone()
     prior.set_codebook_from(tokenizer, source=f"{path} with the given stage-1 model")

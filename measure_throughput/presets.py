@@ -38,9 +38,9 @@ def tokenizer_arch(f: int, d: int, c: int, ch: int = 128) -> dict[str, Any]:
     side = IMAGE_SIZE // f
     return {
         "type": "rq-vae",
-        "hparams": {"bottleneck_type": "rq", "embed_dim": CODE_DIM, "n_embed": c, "latent_shape": [side, side, CODE_DIM],
-                    "code_shape": [side, side, d], "shared_codebook": True, "decay": 0.99,
-                    "restart_unused_codes": True, "loss_type": "mse", "latent_loss_weight": 0.25},
+        "hparams": {"bottleneck_type": "rq", "embed_dim": CODE_DIM, "n_embed": c,
+                    "latent_shape": [side, side, CODE_DIM], "code_shape": [side, side, d], "shared_codebook": True,
+                    "decay": 0.99, "restart_unused_codes": True, "loss_type": "mse", "latent_loss_weight": 0.25},
         "ddconfig": {"double_z": False, "z_channels": CODE_DIM, "resolution": IMAGE_SIZE, "in_channels": 3, "out_ch": 3,
                      "ch": ch, "num_res_blocks": 2, "dropout": 0.0, **TOKENIZERS[f]},
     }

@@ -116,7 +116,8 @@ def our_stage2(tmp_path, tokenizer) -> tuple[str, dict, dict]:
     raw = prior.state_dict()
     ema = {name: tensor + 0.01 if tensor.is_floating_point() and name != "codebook" else tensor
            for name, tensor in raw.items()}
-    config = {"arch": arch, "vqvae": {"ckpt": STAGE1}, "experiment": {"sample": {"top_k": 3, "top_p": 0.9, "temp": 0.7}}}
+    config = {"arch": arch, "vqvae": {"ckpt": STAGE1},
+              "experiment": {"sample": {"top_k": 3, "top_p": 0.9, "temp": 0.7}}}
     path = str(tmp_path / "stage2.pt")
     save_checkpoint(path, {"config": config, "kind": "rq-transformer", "model": raw,
                            "ema": {"num_updates": 1, "shadow": ema}})
