@@ -187,7 +187,7 @@ def test_main_sampling_fid_saves_pngs_adm_npz_and_scores(tmp_path, inception_wei
 
 def test_sharded_sampling_on_two_processes_equals_one_process(tmp_path):
     args = [*MODELS, "-n", "16", "-bs", "4", "--no-stats-saving", "--seed", "7"]
-    two = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561", "main_sampling_fid.py",
+    two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_sampling_fid.py",
                   *args, "--save-dir", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr
     main_sampling_fid.main([*args, "--save-dir", str(tmp_path / "one")])
