@@ -15,15 +15,11 @@ import json
 import os
 import time
 
-import torch
-from tqdm import tqdm
-
 from common import dist
 from common.data import build_dataset_from_config, build_loader
 from common.errors import UserError, cli_entry
 from common.losses import LPIPS
-from common.metrics import (InceptionAccumulator, ReconstructionMeter, code_counts, find_inception_weights,
-                            load_inception, usage_from_counts)
+from common.metrics import find_inception_weights, load_inception, reconstruction_metrics
 from methods import load_tokenizer
 
 
@@ -41,35 +37,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=4)
     return parser.parse_args(argv)
-
-
-@torch.no_grad()
-def reconstruction_metrics(model, loader, env: dist.DistEnv, inception=None, lpips=None,
-                           desc: str = "reconstruct") -> dict:
-    """rFID (when an Inception network is given), PSNR, SSIM, LPIPS (when given) and per-depth codebook usage
-    of a tokenizer over a loader of {"image"} batches; collective under torchrun."""
-    real = InceptionAccumulator(inception, "originals") if inception is not None else None
-    fake = InceptionAccumulator(inception, "reconstructions") if inception is not None else None
-    meter = ReconstructionMeter(lpips, env.device)
-    counts = None
-    for batch in tqdm(loader, desc=desc, disable=not env.is_main):
-        x = batch["image"].to(env.device)
-        recon, _, codes = model(x)
-        recon = recon.clamp(-1, 1)
-        if real is not None:
-            real.add(x)
-            fake.add(recon)
-        meter.update(x, recon)
-        depth_codes = codes if codes.ndim == 4 else codes.unsqueeze(-1)  # (B, h, w, D); D = 1 without depth
-        batch_counts = torch.stack([code_counts(depth_codes[..., d], model.vocab_size)
-                                    for d in range(depth_codes.shape[-1])])
-        counts = batch_counts if counts is None else counts + batch_counts
-    counts = dist.all_reduce_sum(counts.to(env.device)).cpu()
-    results = {"rfid": fake.fid(real)} if real is not None else {}
-    results.update(meter.compute())
-    for depth, depth_counts in enumerate(counts):
-        results.update({f"{k}_d{depth}": v for k, v in usage_from_counts(depth_counts).items()})
-    return results
 
 
 @cli_entry

@@ -25,8 +25,8 @@ import main_stage2  # noqa: E402
 from common import dist  # noqa: E402
 from common.data import build_dataset, build_loader, save_image_grid  # noqa: E402
 from common.errors import WeightsError, cli_entry  # noqa: E402
-from common.metrics import InceptionAccumulator, find_inception_weights, load_inception  # noqa: E402
-from compute_rfid import reconstruction_metrics  # noqa: E402
+from common.metrics import (InceptionAccumulator, find_inception_weights, load_inception,  # noqa: E402
+                            reconstruction_metrics)
 from methods import load_prior, load_tokenizer  # noqa: E402
 
 METHODS = ("rqvae", "lfq")

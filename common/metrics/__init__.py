@@ -10,12 +10,12 @@ from common.metrics.fidelity import (FIDStatistics, frechet_distance, inception_
 from common.metrics.images import open_images
 from common.metrics.inception import (INCEPTION_FILE, INCEPTION_URL, InceptionAccumulator, extract_features,
                                       find_inception_weights, load_inception, write_random_inception_weights)
-from common.metrics.reconstruction import (ReconstructionMeter, code_counts, codebook_usage, psnr, ssim,
-                                           usage_from_counts)
+from common.metrics.reconstruction import (ReconstructionMeter, code_counts, codebook_usage, psnr,
+                                           reconstruction_metrics, ssim, usage_from_counts)
 
 __all__ = [
     "FIDStatistics", "frechet_distance", "inception_score", "load_statistics", "precision_recall", "open_images",
     "INCEPTION_FILE", "INCEPTION_URL", "InceptionAccumulator", "extract_features", "find_inception_weights",
     "load_inception", "write_random_inception_weights", "ReconstructionMeter", "code_counts", "codebook_usage",
-    "psnr", "ssim", "usage_from_counts",
+    "psnr", "reconstruction_metrics", "ssim", "usage_from_counts",
 ]
