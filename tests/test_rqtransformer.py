@@ -16,9 +16,10 @@ import yaml
 from torch.testing import assert_close
 
 from common.attention import KVCache, causal_attention
-from common.config import read_yaml
+from common.config import load_config, read_yaml
 from common.errors import CheckpointError, ConfigError, DataError
 from rqvae.official import load_official_rqtransformer, load_official_rqvae, official_sampling_defaults
+from rqvae.stage2 import STAGE2_SCHEMA
 from rqvae.transformer import RQTransformer
 from rqvae.vqvae import RQVAE
 
@@ -70,20 +71,41 @@ def tiny_prior(seed: int = 0, **overrides) -> RQTransformer:
 # Official numerics
 # ------------------------------------------------------------------------------------------------
 
+def build_official_config_on_meta(path: str) -> RQTransformer:
+    """The prior of a configs/*/stage2 file at full size, without allocating its weights."""
+    config = load_config(os.path.join(REPO, path), STAGE2_SCHEMA)
+    arch = {**config["arch"], "vocab_size": config["dataset"]["vocab_size"]}  # as main_stage2.py fills it
+    with torch.device("meta"):
+        return RQTransformer.from_config(arch, path)
+
+
 def test_official_layout_matches_the_released_350M_state_dict():
     listing = {}
     with open(os.path.join(DATA, "stage2", "rqtransformer_ffhq256_350M.txt")) as f:
         for line in f:
             key, shape, _ = line.split()
             listing[key] = [int(n) for n in shape.strip("[]").split(",")]
-    arch = read_yaml(os.path.join(DATA, "stage2", "config.yaml"))["arch"]
-    arch.update(vocab_size=2048, block_size=[8, 8, 4], vocab_size_cond=1, embed_dim=1024, input_embed_dim=256,
-                body={"n_layer": 24, "block": {"n_head": 16}}, head={"n_layer": 4, "block": {"n_head": 16}})
-    with torch.device("meta"):
-        model = RQTransformer.from_config(arch)
+    model = build_official_config_on_meta("configs/ffhq/stage2/ffhq256-rqtransformer-8x8x4-350M.yaml")
     state = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert state.pop("codebook") == [2048, 256]  # ours: the stage-1 codebook travels with the prior
     assert state == listing
+
+
+@pytest.mark.parametrize("path, millions, classes", [
+    ("ffhq/stage2/ffhq256-rqtransformer-8x8x4-350M.yaml", 355, 1),
+    ("lsun-church/stage2/lsun-church256-sqgan-8x8x4-350M-simp.yaml", 370, 1),
+    ("lsun-bedroom/stage2/bedroom256-rqtransformer-8x8x4-600M.yaml", 612, 1),
+    ("lsun-cat/stage2/cat256-rqtransformer-8x8x4-600M.yaml", 612, 1),
+    ("imagenet256/stage2/in256-rqtransformer-8x8x4-480M.yaml", 481, 1000),
+    ("imagenet256/stage2/in256-rqtransformer-8x8x4-800M.yaml", 821, 1000),
+    ("imagenet256/stage2/in256-rqtransformer-8x8x4-1400M.yaml", 1388, 1000),
+    ("imagenet256/stage2/in256-rqtransformer-8x8x4-3800M.yaml", 3822, 1000),
+])
+def test_official_stage2_configs_build_the_papers_model_sizes(path, millions, classes):
+    model = build_official_config_on_meta(f"configs/{path}")
+    trained = sum(p.numel() for name, p in model.named_parameters())  # the frozen codebook is a buffer
+    assert round(trained / 1e6) == millions
+    assert model.num_classes == classes and model.block_size == (8, 8, 4)
 
 
 @pytest.mark.parametrize("ema", [False, True])

@@ -92,3 +92,19 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     shutil.copy(STAGE1, lonely / "model.pt")
     assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v",
                                   str(lonely / "model.pt")), "config.yaml")
+
+
+def test_official_stage2_yaml_trains_with_overrides(tmp_path):
+    # The official FFHQ file, shrunk on the command line to the tiny RQ-VAE; global batch 16 = 2 x 8 accumulated.
+    main_stage2.main(["-m", "configs/ffhq/stage2/ffhq256-rqtransformer-8x8x4-350M.yaml", "-r", str(tmp_path),
+                      "-v", STAGE1, "dataset.type=shapes", "dataset.transforms.type=none", "dataset.resolution=16",
+                      "dataset.num_samples=32", "dataset.vocab_size=32", "arch.block_size=[8,8,3]",
+                      "arch.input_embed_dim=8", "arch.embed_dim=16", "arch.body.n_layer=1", "arch.head.n_layer=1",
+                      "arch.body.block.n_head=2", "arch.head.block.n_head=2", "experiment.batch_size=8",
+                      "experiment.total_batch_size=16", "experiment.epochs=1", "experiment.log_every=1",
+                      "experiment.sample.top_k=4"])
+    run = tmp_path / "ffhq256-rqtransformer-8x8x4-350M"
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["config"]["arch"]["vocab_size"] == 32 and ckpt["config"]["optimizer"]["max_gn"] == 1.0
+    assert ckpt["position"]["step"] == 4  # batches of 8
+    assert int(ckpt["optimizer"]["state"][0]["step"]) == 2  # updates of 16
