@@ -90,6 +90,10 @@ def build_tokenizer_from_config(config: Mapping[str, Any]) -> torch.nn.Module:
         from lfq.model import LFQTokenizer
 
         return LFQTokenizer.from_config(config["arch"])
+    if arch_type == "vq16":
+        from npp.vq import VQTokenizer
+
+        return VQTokenizer.from_config(config["arch"])
     raise CheckpointError(f"checkpoint holds a {arch_type!r} model, not a tokenizer")
 
 
@@ -99,8 +103,9 @@ def load_tokenizer(path: str, config_path: str | None = None, use_ema: bool = Tr
 
     Our checkpoints carry their config; an official RQ-VAE `.pt` needs `config.yaml` beside it, an
     official Open-MAGVIT2 `.ckpt` its YAML as `config_path` (official or ours; the returned config is
-    ours, so its `dataset` section serves compute_rfid.py). EMA weights are used when the checkpoint
-    has them and `use_ema` is true.
+    ours, so its `dataset` section serves compute_rfid.py). An official LlamaGen VQ `.pt` is rebuilt
+    from its weight shapes (ImageNet at 256 px), or from `config_path` when given. EMA weights are used
+    when the checkpoint has them and `use_ema` is true.
     """
     obj = load_file(path, map_location)
     if is_our_checkpoint(obj):
@@ -123,8 +128,27 @@ def load_tokenizer(path: str, config_path: str | None = None, use_ema: bool = Tr
         model = build_tokenizer_from_config(config)
         strict_load(model, lfq_official.official_generator_state(obj["state_dict"], model, use_ema, path), path)
         return model.eval(), config
-    raise CheckpointError(f"{path}: not a tokenizer checkpoint this codebase knows (ours, an official RQ-VAE .pt "
-                          "or an official Open-MAGVIT2 .ckpt)")
+    from npp import official as npp_official
+
+    state = npp_official.official_vq_state(obj, use_ema)
+    if state is not None:
+        config = read_vq_config(config_path) if config_path else npp_official.vq_config_from_state(state, path)
+        model = build_tokenizer_from_config(config)
+        strict_load(model, state, path)
+        return model.eval(), config
+    raise CheckpointError(f"{path}: not a tokenizer checkpoint this codebase knows (ours, an official RQ-VAE .pt, "
+                          "an official Open-MAGVIT2 .ckpt or an official LlamaGen VQ .pt)")
+
+
+def read_vq_config(path: str) -> Config:
+    """A LlamaGen VQ tokenizer config (ours: `arch.type: vq16`), validated."""
+    from npp.schema import VQ_CONFIG
+
+    data = read_yaml(path)
+    if not isinstance(data.get("arch"), Mapping) or data["arch"].get("type") != "vq16":
+        raise ConfigError(f"{path}: not a LlamaGen VQ config (arch.type must be vq16); e.g. "
+                          "configs/imagenet/stage1/llamagen-vq16.yaml")
+    return validate(data, VQ_CONFIG, path)
 
 
 def load_prior(path: str, tokenizer: torch.nn.Module, use_ema: bool = True, config_path: str | None = None,

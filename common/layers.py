@@ -98,3 +98,36 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of a VQGAN encoder or decoder: residual blocks, each followed by attention when
+    `with_attn`, then an optional `downsample` or `upsample`.
+
+    The residual blocks are registered as `blocks_key` (the RQ-VAE's state dict says `block`,
+    LlamaGen's `res`), so that official checkpoints load as they are.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, with_attn: bool, dropout: float = 0.0,
+                 checkpointing: bool = False, resample: str | None = None, blocks_key: str = "block"):
+        super().__init__()
+        self.blocks_key = blocks_key
+        self.add_module(blocks_key, nn.ModuleList(
+            ResnetBlock(in_channels if j == 0 else out_channels, out_channels, dropout, checkpointing)
+            for j in range(num_blocks)))
+        self.attn = nn.ModuleList(AttnBlock(out_channels, checkpointing) for _ in range(num_blocks if with_attn else 0))
+        if resample == "down":
+            self.downsample = Downsample(out_channels)
+        elif resample == "up":
+            self.upsample = Upsample(out_channels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for j, block in enumerate(getattr(self, self.blocks_key)):
+            h = block(h)
+            if self.attn:
+                h = self.attn[j](h)
+        if hasattr(self, "downsample"):
+            h = self.downsample(h)
+        if hasattr(self, "upsample"):
+            h = self.upsample(h)
+        return h

@@ -17,6 +17,7 @@ from torch import nn
 from common.config import validate
 from common.errors import ConfigError, DataError
 from common.layers import Normalize
+from common.tokenizer import Tokenizer
 from lfq.layers import AdaptiveGroupNorm, ResBlock, Upsampler
 from lfq.quantizer import LFQLosses, LookupFreeQuantizer, codes_to_latent
 from lfq.schema import LFQ_ARCH
@@ -97,9 +98,8 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, f*h, f*w)
 
 
-class LFQTokenizer(nn.Module):
-    """Images <-> codes (B, h, w) in [0, 2^K), the tokenizer interface shared by every method:
-    `encode_codes`, `decode_codes`, `code_shape`, `vocab_size`, `image_size`, `last_layer`."""
+class LFQTokenizer(Tokenizer):
+    """Images <-> codes (B, h, w) in [0, 2^K) (the interface of common/tokenizer.py)."""
 
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, num_bits: int, image_size: int,
                  in_channels: int = 3, out_ch: int = 3, sample_minimization_weight: float = 1.0,
@@ -124,26 +124,9 @@ class LFQTokenizer(nn.Module):
                    dd["in_channels"], dd["out_ch"], arch["sample_minimization_weight"],
                    arch["batch_maximization_weight"], arch["entropy_mode"])
 
-    # -- the tokenizer interface ----------------------------------------------------------------
-
-    @property
-    def code_shape(self) -> tuple[int, int]:
-        """(h, w) of one image's codes at `image_size`."""
-        side = self.resolution // self.downsample_factor
-        return side, side
-
     @property
     def vocab_size(self) -> int:
         return 2 ** self.num_bits
-
-    @property
-    def image_size(self) -> int:
-        return self.resolution
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """The decoder's last weight, against which the adaptive GAN weight compares gradients."""
-        return self.decoder.conv_out.weight
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LFQLosses, torch.Tensor]:
         """Images -> (reconstruction (B, 3, H, W) unclamped, LFQLosses, codes (B, h, w) int64).
@@ -168,14 +151,6 @@ class LFQTokenizer(nn.Module):
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> codes (B, h, w), int64; bit d of a code is the sign of latent channel d."""
         return self.quantize(self.encode(x))[2]
-
-    @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, h, w) -> images (B, 3, f*h, f*w), unclamped."""
-        if codes.ndim != 3 or codes.is_floating_point() or codes.min() < 0 or codes.max() >= self.vocab_size:
-            raise DataError(f"codes must be an integer tensor (B, h, w) with values in [0, {self.vocab_size}), "
-                            f"got {codes.dtype} {tuple(codes.shape)}")
-        return self.decode(self.codes_to_latent(codes))
 
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) -> the +-1 latent (B, K, h, w) the decoder reads."""

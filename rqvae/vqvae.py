@@ -14,7 +14,8 @@ from torch import nn
 
 from common.config import validate
 from common.errors import ConfigError, DataError
-from common.layers import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
+from common.layers import AttnBlock, Level, Normalize, ResnetBlock
+from common.tokenizer import Tokenizer
 from rqvae.quantizer import RQBottleneck
 from rqvae.schema import RQVAE_ARCH
 
@@ -30,33 +31,6 @@ class MidBlock(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
-
-
-class Level(nn.Module):
-    """One resolution of the encoder or decoder: residual blocks (each followed by attention if
-    `with_attn`), then an optional resampling layer (`downsample` or `upsample`)."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, with_attn: bool, dropout: float,
-                 checkpointing: bool, resample: str | None = None):
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(in_channels if j == 0 else out_channels, out_channels, dropout,
-                                               checkpointing) for j in range(num_blocks))
-        self.attn = nn.ModuleList(AttnBlock(out_channels, checkpointing) for _ in range(num_blocks if with_attn else 0))
-        if resample == "down":
-            self.downsample = Downsample(out_channels)
-        elif resample == "up":
-            self.upsample = Upsample(out_channels)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for j, block in enumerate(self.block):
-            h = block(h)
-            if self.attn:
-                h = self.attn[j](h)
-        if hasattr(self, "downsample"):
-            h = self.downsample(h)
-        if hasattr(self, "upsample"):
-            h = self.upsample(h)
-        return h
 
 
 class Encoder(nn.Module):
@@ -118,11 +92,10 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, R, R)
 
 
-class RQVAE(nn.Module):
+class RQVAE(Tokenizer):
     """The RQ-VAE tokenizer: images <-> codes (B, h, w, D) in [0, n_embed).
 
-    This is the tokenizer interface the priors use: `encode_codes`, `decode_codes`, `code_shape`,
-    `vocab_size`, `image_size`, and `embed_codes_with_depth` for the RQ-Transformer's inputs.
+    The interface of common/tokenizer.py, plus `embed_codes_with_depth` for the RQ-Transformer's inputs.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], embed_dim: int, n_embed: int,
@@ -159,15 +132,6 @@ class RQVAE(nn.Module):
     def vocab_size(self) -> int:
         return self.quantizer.n_embed
 
-    @property
-    def image_size(self) -> int:
-        return self.resolution
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """The decoder's last weight, against which the adaptive GAN weight compares gradients."""
-        return self.decoder.conv_out.weight
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images -> (reconstruction, commitment loss, codes). In training mode the codebooks take an EMA step."""
         z = self.encode(x)  # (B, H, W, C)
@@ -190,10 +154,9 @@ class RQVAE(nn.Module):
         """Images -> codes (B, h, w, D), int64. Like `forward`, a model in training mode updates its codebooks."""
         return self.quantizer(self.encode(x))[2]
 
-    @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, h, w, D) -> images (B, 3, R, R): the code vectors summed over depth, decoded."""
-        return self.decode(self.quantizer.embed_codes(codes))
+    def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, h, w, D) -> the code vectors summed over depth (B, h, w, C), what `decode` reads."""
+        return self.quantizer.embed_codes(codes)
 
     @torch.no_grad()
     def decode_partial_codes(self, codes: torch.Tensor, depth: int, mode: str = "select") -> torch.Tensor:

@@ -350,7 +350,7 @@ def test_bad_images_and_codes_are_refused(model, vectors):
         model.encode(torch.zeros(1, 1, 16, 16))
     with pytest.raises(DataError, match="multiples of 2"):
         model.encode(torch.zeros(1, 3, 15, 15))
-    with pytest.raises(DataError, match=r"codes must lie in \[0, 32\)"):
+    with pytest.raises(DataError, match=r"values in \[0, 32\)"):
         model.decode_codes(vectors["codes"] + 32)
     with pytest.raises(DataError, match="codes must be an integer tensor"):
         model.decode_codes(vectors["codes"][..., :2])
