@@ -2,7 +2,8 @@
 
 VQGAN-family convolutional blocks (taming-transformers layout, used by the RQ-VAE and the
 LlamaGen VQ tokenizer): GroupNorm, residual blocks, single-head spatial attention, and
-2x down/up-sampling. Parameter names follow the official state dicts.
+2x down/up-sampling; and the Llama-style transformer parts of LlamaGen's GPT: RMSNorm and the
+SwiGLU feed-forward. Parameter names follow the official state dicts.
 """
 from __future__ import annotations
 
@@ -131,3 +132,30 @@ class Level(nn.Module):
         if hasattr(self, "upsample"):
             h = self.upsample(h)
         return h
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) computed in float32, cast back, times a learned per-channel weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """Bias-free gated feed-forward: w2(silu(w1 x) * w3 x), then dropout."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))

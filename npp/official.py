@@ -1,20 +1,30 @@
-"""Official LlamaGen VQ tokenizer files (e.g. `vq_ds16_c2i.pt`): recognising and loading their layout.
+"""Official LlamaGen / NPP files: recognising and loading their layouts.
 
-A released file is a dict whose `model` (and, from the VQ trainer with EMA, `ema`) holds the
-`VQModel` state dict under the same names as ours, or that bare state dict. No config travels
+Tokenizer (`vq_ds16_c2i.pt`): a dict whose `model` (and, from the VQ trainer with EMA, `ema`) holds
+the `VQModel` state dict under the same names as ours, or that bare state dict. No config travels
 with it: the widths, the number of levels and the codebook are read off the weight shapes, the
 image size (not recoverable from a convolutional model) defaults to 256.
+
+GPT (`c2i_B_256.pt`, ...): `{"model", "optimizer", "steps", "args"}` as the training script writes
+it (`args` is an argparse.Namespace, allowed through `weights_only` loading as plain data), `ema`
+when trained with it, or a bare state dict. Width, depth, vocabulary and classes come from the
+weights; the heads from the released model name (head size 64) or the caller; the code grid from
+`args` (image_size / downsample_size) or the caller.
 """
 from __future__ import annotations
 
+import argparse
+import math
 import re
 from typing import Any, Mapping
 
 import torch
 
+from common.checkpoint import load_file, strict_load
 from common.config import Config, validate
 from common.errors import CheckpointError
-from npp.schema import VQ_CONFIG
+from npp.gpt import GPT
+from npp.schema import GPT_PRESETS, VQ_CONFIG
 
 SIGNATURE = ("quantize.embedding.weight", "encoder.conv_blocks.0.res.0.conv1.weight")
 
@@ -62,3 +72,59 @@ def vq_config_from_state(state: Mapping[str, torch.Tensor], source: str) -> Conf
     """The config of a released tokenizer file: its arch from the weights, ImageNet at 256 px (LlamaGen's)."""
     data = {"arch": vq_arch_from_state(state, source), "dataset": {"type": "imagenet", "resolution": 256}}
     return validate(data, VQ_CONFIG, source)
+
+
+GPT_SIGNATURE = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight")
+COMPUTED_KEYS = re.compile(r"(^|\.)(freqs_cis|kv_cache\.[kv]_cache)$")  # tables and caches, rebuilt on load
+
+
+def read_official_gpt_file(path: str) -> Any:
+    """The loaded file: tensors, plain containers and the training script's argparse.Namespace only."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return load_file(path)
+
+
+def official_gpt_state(obj: Any, use_ema: bool = True) -> dict[str, torch.Tensor] | None:
+    """The GPT weights of a loaded official file (its `ema` when present and `use_ema`), without the
+    computed tables some files carry; None when the object is not one."""
+    if not isinstance(obj, Mapping):
+        return None
+    candidates = [obj.get(key) for key in (("ema", "model", "module", "state_dict") if use_ema
+                                           else ("model", "module", "state_dict"))] + [obj]
+    for state in candidates:
+        if isinstance(state, Mapping) and all(k in state for k in GPT_SIGNATURE):
+            return {k: v for k, v in state.items() if not COMPUTED_KEYS.search(k)}
+    return None
+
+
+def gpt_arch_from_state(state: Mapping[str, torch.Tensor], args: Any = None, n_head: int | None = None,
+                        image_tokens: int | None = None) -> dict[str, Any]:
+    """The `arch` section (npp/schema.py) of the GPT whose weights these are."""
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    model_name = getattr(args, "gpt_model", None)
+    if n_head is None:
+        n_head = GPT_PRESETS[model_name]["n_head"] if model_name in GPT_PRESETS else dim // 64
+    if image_tokens is None:
+        size, downsample = getattr(args, "image_size", 256), getattr(args, "downsample_size", 16)
+        image_tokens = (size // downsample) ** 2
+    return {
+        "type": "llamagen-gpt", "dim": dim, "n_head": n_head, "vocab_size": vocab_size,
+        "n_layer": _count(state, "layers.{}.attention.wqkv.weight"),
+        "ffn_hidden": state["layers.0.feed_forward.w1.weight"].shape[0],
+        "num_classes": state["cls_embedding.embedding_table.weight"].shape[0] - 1,
+        "image_tokens": image_tokens,
+    }
+
+
+def load_official_gpt(path: str, use_ema: bool = True, n_head: int | None = None,
+                      image_tokens: int | None = None) -> tuple[GPT, dict[str, Any]]:
+    """A GPT in eval mode with the weights of an official file, and its arch section."""
+    obj = read_official_gpt_file(path)
+    state = official_gpt_state(obj, use_ema)
+    if state is None:
+        raise CheckpointError(f"{path}: not an official LlamaGen / NPP GPT checkpoint (expected a 'model' state "
+                              f"dict with {', '.join(GPT_SIGNATURE)})")
+    arch = gpt_arch_from_state(state, obj.get("args"), n_head, image_tokens)
+    model = GPT.from_config(arch, path)
+    strict_load(model, state, path)
+    return model.eval(), arch

@@ -27,3 +27,29 @@ VQ_CONFIG = {
     "dataset": DATASET_SCHEMA,
     "arch": VQ_ARCH,
 }
+
+# LlamaGen's class-conditional GPT (its ModelArgs; NPP trains it unchanged in shape).
+GPT_ARCH = {
+    "type": Field(str, "llamagen-gpt", choices=("llamagen-gpt",), doc="model family"),
+    "dim": Field(int, doc="width"),
+    "n_layer": Field(int),
+    "n_head": Field(int, doc="attention heads (head_dim = dim / n_head; 64 in every released model)"),
+    "multiple_of": Field(int, 256, doc="the SwiGLU hidden size is 8 dim / 3 rounded up to a multiple of this"),
+    "ffn_hidden": Field(int, None, doc="SwiGLU hidden size; null: from multiple_of"),
+    "vocab_size": Field(int, 16384, doc="codebook size of the tokenizer"),
+    "num_classes": Field(int, 1000, doc="classes; one more row of the class table is the null class"),
+    "image_tokens": Field(int, 256, doc="codes per image, a square grid (256: 16x16, 256 px with VQ-16)"),
+    "rope_base": Field(float, 10000.0),
+    "norm_eps": Field(float, 1e-5),
+    "token_dropout_p": Field(float, 0.1),
+    "resid_dropout_p": Field(float, 0.1),
+    "ffn_dropout_p": Field(float, 0.1),
+    "class_dropout_prob": Field(float, 0.1, doc="labels replaced by the null class in training"),
+}
+
+GPT_PRESETS = {  # LlamaGen's GPT_models (head_dim 64)
+    "GPT-B": {"dim": 768, "n_layer": 12, "n_head": 12},
+    "GPT-L": {"dim": 1024, "n_layer": 24, "n_head": 16},
+    "GPT-XL": {"dim": 1280, "n_layer": 36, "n_head": 20},
+    "GPT-XXL": {"dim": 1536, "n_layer": 48, "n_head": 24},
+}

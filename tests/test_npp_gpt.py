@@ -1,0 +1,166 @@
+"""LlamaGen's GPT with next-patch prediction, against the official code's outputs (tests/data/npp/).
+
+The official tiny GPT: width 48, 3 layers, 4 heads, 128 codes, 12 classes, 12x12 codes, saved by the
+NPP training script after 8 steps (`{"model", "optimizer", "steps", "args"}`).
+`llamagen_gpt_B.txt` lists the state dict of the released GPT-B.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.testing import assert_close
+
+from common.attention import KVCache
+from common.errors import CheckpointError, ConfigError, DataError
+from common.rope import rope_2d_table
+from common.sampling import sampling_probs
+from methods import load_tokenizer
+from npp.gpt import GPT, average_patches, patch_targets
+from npp.official import load_official_gpt
+from npp.schema import GPT_PRESETS
+from tests.helpers import DATA
+
+NPP_DATA = os.path.join(DATA, "npp")
+CKPT = os.path.join(NPP_DATA, "gpt_tiny_c2i.pt")
+TEACHER = dict(np.load(os.path.join(NPP_DATA, "gpt_teacher_forced.npz")))
+GENERATED = dict(np.load(os.path.join(NPP_DATA, "gpt_generate.npz")))
+UNITS = dict(np.load(os.path.join(NPP_DATA, "units.npz")))
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return load_official_gpt(CKPT, n_head=4)[0]
+
+
+def test_official_file_loads_with_its_training_args(gpt):
+    _, arch = load_official_gpt(CKPT, n_head=4)
+    assert arch == {"type": "llamagen-gpt", "dim": 48, "n_head": 4, "vocab_size": 128, "n_layer": 3,
+                    "ffn_hidden": 144, "num_classes": 12, "image_tokens": 144}  # 24 px / downsample 2, from args
+    assert not gpt.training and gpt.grid == 12
+
+
+@pytest.mark.parametrize("side", [1, 2, 4])
+@torch.no_grad()
+def test_official_next_patch_logits_and_losses(gpt, side):
+    codes, labels = torch.from_numpy(TEACHER["codes"]), torch.from_numpy(TEACHER["labels"])  # label 12: null
+    logits = gpt(codes, labels, patch_side=side)
+    assert logits.shape == (2, 144 // side ** 2, 128)
+    assert_close(logits, torch.from_numpy(TEACHER[f"logits_p{side}"]), rtol=0, atol=1e-5)
+    official_targets = torch.from_numpy(TEACHER[f"targets_p{side}"])  # (B, N) at side 1, else (B, N, P)
+    assert torch.equal(patch_targets(codes, 12, side), official_targets.reshape(2, 144 // side ** 2, side ** 2))
+    loss, logs = gpt.loss(codes, labels, patch_side=side)
+    assert loss.item() == pytest.approx(float(TEACHER[f"loss_p{side}"]), rel=1e-6) and logs["loss"] == loss.item()
+
+
+@torch.no_grad()
+def test_cached_steps_equal_the_full_forward_and_the_official_last_logits(gpt):
+    codes, labels = torch.from_numpy(TEACHER["codes"]), torch.from_numpy(TEACHER["labels"])
+    sequence = torch.cat([gpt.cls_embedding(labels), gpt.tok_embeddings(codes)], dim=1)  # 145 positions
+    rope = gpt.rope(12, codes.device)
+    full = gpt.transformer(sequence, rope)
+    caches = [KVCache(145) for _ in gpt.layers]
+    stepped = torch.cat([gpt.transformer(sequence[:, t:t + 1], rope[t:t + 1], caches) for t in range(145)], dim=1)
+    assert_close(stepped, full, rtol=0, atol=1e-5)
+    assert_close(full[:, :144], torch.from_numpy(TEACHER["logits_p1"]), rtol=0, atol=1e-5)
+    assert_close(full[:, -1], torch.from_numpy(TEACHER["eval_logits_last"]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, knobs", [
+    ("codes_greedy_cfg1", {"top_k": 1}),
+    ("codes_greedy_cfg1.5", {"top_k": 1, "cfg_scale": 1.5}),
+    ("codes_greedy_cfg3_interval20", {"top_k": 1, "cfg_scale": 3.0, "cfg_interval": 20}),
+    ("codes_stochastic_cfg1.5_seed777", {"top_k": 30, "top_p": 0.8, "temperature": 0.9, "cfg_scale": 1.5}),
+])
+def test_generated_codes_equal_the_official_sampler(gpt, name, knobs):
+    torch.manual_seed(777)  # what the official run seeded right before its stochastic call
+    codes = gpt.generate(torch.from_numpy(GENERATED["labels"]), **knobs)
+    assert torch.equal(codes, torch.from_numpy(GENERATED[name]).long())
+
+
+@torch.no_grad()
+def test_greedy_samples_decode_to_the_official_images(gpt):
+    vq, _ = load_tokenizer(os.path.join(NPP_DATA, "vq_tiny.pt"))
+    codes = gpt.generate(torch.from_numpy(GENERATED["labels"]), top_k=1, cfg_scale=1.5)
+    images = vq.decode_codes(codes.view(2, 12, 12))
+    pixels = (127.5 * images + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # LlamaGen's
+    for pixel, label in zip(pixels, (0, 7)):
+        official = np.asarray(Image.open(os.path.join(NPP_DATA, f"sample_greedy_cfg1.5_label{label}.png")))
+        assert np.array_equal(pixel, official)
+
+
+def test_guidance_at_scale_one_is_the_unguided_sampler(gpt):
+    labels = torch.tensor([3, 3, 9])
+    torch.manual_seed(1)
+    plain = gpt.generate(labels, top_k=20)
+    torch.manual_seed(1)
+    assert torch.equal(gpt.generate(labels, top_k=20, cfg_scale=1.0, cfg_interval=5), plain)
+
+
+def test_units_rope_patches_and_filters():
+    for name, grid, head_dim in (("rope_grid16_hd64_cls1", 16, 64), ("rope_grid12_hd12_cls1", 12, 12)):
+        assert torch.equal(rope_2d_table(grid, head_dim), torch.from_numpy(UNITS[name]))
+    embeddings = torch.from_numpy(UNITS["patchify_in"])
+    for side in (2, 4):
+        assert_close(average_patches(embeddings, 12, side), torch.from_numpy(UNITS[f"patchify_p{side}"]),
+                     rtol=1e-6, atol=0)
+        assert torch.equal(patch_targets(torch.arange(144)[None], 12, side),
+                           torch.from_numpy(UNITS[f"target_patchify_p{side}"]))
+    logits = torch.from_numpy(UNITS["filter_in"])
+    for k, p in ((0, 0.8), (7, 1.0), (20, 0.6), (1, 1.0)):  # LlamaGen's top-k 0 means off
+        probs = sampling_probs(logits, 1.3, k or None, p)
+        assert_close(probs, torch.from_numpy(UNITS[f"probs_k{k}_p{p}_t1.3"]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, parameters", [("GPT-B", 110_888_448), ("GPT-L", 342_910_976),
+                                              ("GPT-XL", 774_699_520), ("GPT-XXL", 1_410_972_672)])
+def test_presets_build_the_released_sizes(name, parameters):
+    with torch.device("meta"):
+        model = GPT.from_config({"type": "llamagen-gpt", **GPT_PRESETS[name]})
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    if name == "GPT-B":
+        listing = [f"{k} [{','.join(map(str, v.shape))}] {str(v.dtype).removeprefix('torch.')}"
+                   for k, v in model.state_dict().items()]
+        with open(os.path.join(NPP_DATA, "llamagen_gpt_B.txt")) as f:
+            assert sorted(listing) == sorted(f.read().splitlines())
+
+
+def test_training_step_learns_and_drops_classes():
+    torch.manual_seed(0)
+    model = GPT.from_config({"type": "llamagen-gpt", "dim": 32, "n_layer": 2, "n_head": 2, "vocab_size": 16,
+                             "num_classes": 3, "image_tokens": 16, "class_dropout_prob": 0.5}).train()
+    assert model.output.weight.abs().sum() == 0  # LlamaGen zero-initialises the output layer
+    codes = torch.randint(0, 16, (8, 16))
+    labels = torch.randint(0, 3, (8,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(30):
+        loss, _ = model.loss(codes, labels, patch_side=2 if step < 10 else 1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[10] - 0.3  # token-level loss falls on a fixed batch
+    dropped = model.cls_embedding(torch.zeros(1000, dtype=torch.long))[:, 0]
+    null = model.cls_embedding.embedding_table.weight[3]
+    share = (dropped == null).all(-1).float().mean().item()
+    assert 0.4 < share < 0.6
+
+
+def test_bad_input_is_refused(gpt, tmp_path):
+    with pytest.raises(DataError, match="class labels"):
+        gpt.generate(torch.tensor([13]))
+    with pytest.raises(ConfigError, match="patch side 5"):
+        gpt(torch.zeros(1, 144, dtype=torch.long), torch.tensor([0]), patch_side=5)
+    with pytest.raises(DataError, match="codes must be integers"):
+        gpt(torch.zeros(1, 100, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ConfigError, match="--top-k must be >= 1"):
+        gpt.generate(torch.tensor([0]), top_k=0)
+    torch.save({"model": {"encoder.conv_in.weight": torch.zeros(1)}}, tmp_path / "not_gpt.pt")
+    with pytest.raises(CheckpointError, match="not an official LlamaGen / NPP GPT"):
+        load_official_gpt(str(tmp_path / "not_gpt.pt"))
+    with pytest.raises(ConfigError, match="arch.image_tokens must be a square"):
+        GPT.from_config({"type": "llamagen-gpt", "dim": 32, "n_layer": 1, "n_head": 2, "image_tokens": 15})
