@@ -14,7 +14,6 @@ weights; the heads from the released model name (head size 64) or the caller; th
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from typing import Any, Mapping
 
@@ -97,13 +96,16 @@ def official_gpt_state(obj: Any, use_ema: bool = True) -> dict[str, torch.Tensor
     return None
 
 
-def gpt_arch_from_state(state: Mapping[str, torch.Tensor], args: Any = None, n_head: int | None = None,
-                        image_tokens: int | None = None) -> dict[str, Any]:
+def gpt_arch_from_state(state: Mapping[str, torch.Tensor], source: str, args: Any = None,
+                        n_head: int | None = None, image_tokens: int | None = None) -> dict[str, Any]:
     """The `arch` section (npp/schema.py) of the GPT whose weights these are."""
     vocab_size, dim = state["tok_embeddings.weight"].shape
     model_name = getattr(args, "gpt_model", None)
     if n_head is None:
         n_head = GPT_PRESETS[model_name]["n_head"] if model_name in GPT_PRESETS else dim // 64
+    if n_head < 1 or "layers.0.feed_forward.w1.weight" not in state:
+        raise CheckpointError(f"{source}: cannot tell the GPT's shape from this file (width {dim}, model "
+                              f"{model_name!r}); give its number of attention heads (n_head=)")
     if image_tokens is None:
         size, downsample = getattr(args, "image_size", 256), getattr(args, "downsample_size", 16)
         image_tokens = (size // downsample) ** 2
@@ -124,7 +126,7 @@ def load_official_gpt(path: str, use_ema: bool = True, n_head: int | None = None
     if state is None:
         raise CheckpointError(f"{path}: not an official LlamaGen / NPP GPT checkpoint (expected a 'model' state "
                               f"dict with {', '.join(GPT_SIGNATURE)})")
-    arch = gpt_arch_from_state(state, obj.get("args"), n_head, image_tokens)
+    arch = gpt_arch_from_state(state, path, obj.get("args"), n_head, image_tokens)
     model = GPT.from_config(arch, path)
     strict_load(model, state, path)
     return model.eval(), arch
