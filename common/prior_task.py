@@ -1,0 +1,140 @@
+"""What training any discrete prior on a frozen tokenizer's codes involves, whatever the prior.
+
+`PriorTask` is a TrainTask (common/trainer.py) for a model with `loss(...) -> (loss, logs)` and
+`generate(labels, ...)`: DDP around the loss, gradient accumulation up to the global batch, bf16
+autocast on CUDA, gradient-norm clipping, the optimizer and scheduler steps, EMA of the weights
+(used for evaluation and previews), the validation loss and a grid of samples. A method subclass
+says how a batch becomes the loss's inputs and builds its optimizer and scheduler.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from common.config import Config
+from common.dist import DistEnv, is_distributed
+from common.ema import ModelEMA
+from common.trainer import Position
+
+
+class LossModule(nn.Module):
+    """A prior's `loss` behind `forward`, so that DDP, which synchronises what forward computes, can wrap it."""
+
+    def __init__(self, prior: nn.Module):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, *args, **kwargs):
+        return self.prior.loss(*args, **kwargs)
+
+
+def accumulation_steps(experiment: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step to reach `total_batch_size` (1 without one)."""
+    total = experiment["total_batch_size"] or experiment["batch_size"] * world_size
+    return max(1, total // (experiment["batch_size"] * world_size))
+
+
+class PriorTask:
+    """Subclasses set `optimizer` and `scheduler` and implement `loss_inputs` and `sample_codes`."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def __init__(self, config: Config, env: DistEnv, tokenizer: nn.Module, model: nn.Module, ema: ModelEMA | None,
+                 max_grad_norm: float | None):
+        self.env = env
+        self.config = config
+        self.tokenizer = tokenizer.to(env.device).eval().requires_grad_(False)
+        self.model = model
+        self.ema = ema
+        self.train_loss = LossModule(self.model)
+        if is_distributed():
+            self.train_loss = DistributedDataParallel(self.train_loss)
+        experiment = config["experiment"]
+        self.accumulation = accumulation_steps(experiment, env.world_size)
+        self.max_grad_norm = max_grad_norm
+        self.autocast_dtype = torch.bfloat16 if experiment["amp"] and env.device.type == "cuda" else None
+        self.micro_step = 0
+
+    def loss_inputs(self, batch: dict, position: Position | None) -> tuple[tuple, dict]:
+        """(args, kwargs) of the model's loss for a batch; position is None in evaluation."""
+        raise NotImplementedError
+
+    def sample_codes(self, labels: torch.Tensor) -> torch.Tensor:
+        """Codes of one sample per label, with the training-time sampling settings."""
+        raise NotImplementedError
+
+    def state_objects(self) -> dict[str, Any]:
+        objects = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        if self.ema is not None:
+            objects["ema"] = self.ema
+        return objects
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    def labels(self, batch: dict) -> torch.Tensor:
+        return batch["label"].to(self.env.device)
+
+    @torch.no_grad()
+    def encode(self, batch: dict) -> torch.Tensor:
+        """The batch's codes: extracted ones as they are, or its images encoded by the tokenizer."""
+        if "codes" in batch:
+            return batch["codes"].to(self.env.device)
+        return self.tokenizer.encode_codes(batch["image"].to(self.env.device))
+
+    def train_step(self, batch: dict, position: Position) -> dict[str, float]:
+        args, kwargs = self.loss_inputs(batch, position)
+        self.micro_step += 1
+        update = self.micro_step % self.accumulation == 0
+        sync = contextlib.nullcontext() if update or not is_distributed() else self.train_loss.no_sync()
+        with sync:
+            with self.autocast():
+                loss, logs = self.train_loss(*args, **kwargs)
+            (loss / self.accumulation).backward()
+        if update:
+            if self.max_grad_norm:
+                logs["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        logs["lr"] = self.scheduler.get_last_lr()[0]
+        return logs
+
+    def eval_model(self) -> contextlib.AbstractContextManager:
+        return self.ema.swapped_in(self.model) if self.ema is not None else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        count = 0
+        self.model.eval()
+        with self.eval_model():
+            for batch in batches:
+                args, kwargs = self.loss_inputs(batch, None)
+                with self.autocast():
+                    _, logs = self.model.loss(*args, **kwargs)
+                for key, value in logs.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                count += 1
+        self.model.train()
+        return {f"val_{key}": value / max(count, 1) for key, value in totals.items()}
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> torch.Tensor:
+        """One sample per class (the first ten classes; eight of an unconditional prior)."""
+        classes = self.model.num_classes
+        labels = torch.arange(min(10, classes) if classes > 1 else 8, device=self.env.device) % classes
+        self.model.eval()
+        with self.eval_model(), self.autocast():
+            codes = self.sample_codes(labels)
+        self.model.train()
+        return self.tokenizer.decode_codes(codes).clamp(-1, 1).float().cpu()
