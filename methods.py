@@ -46,6 +46,54 @@ def stage1_method(raw_config: Mapping[str, Any], path: str) -> Stage1Method:
     raise ConfigError(f"{path}: arch.type must name a tokenizer this codebase trains (rq-vae, lfq), got {arch_type!r}")
 
 
+@dataclass(frozen=True)
+class Stage2Method:
+    name: str
+    schema: Mapping[str, Any]
+    task: Callable[..., Any]  # (config, env, steps_per_epoch, tokenizer) -> TrainTask
+    resolve_arch: Callable[..., Config]  # (config, tokenizer, source) -> the arch section filled from the tokenizer
+    starting_state: Callable[[str, torch.nn.Module], dict[str, torch.Tensor]]  # -l: (path, model) -> weights
+
+
+def rqtransformer_starting_state(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights from our checkpoint or an official stage-2 `.pt` (its `state_dict`, without the codebook)."""
+    obj = load_file(path)
+    if is_our_checkpoint(obj):
+        return obj["model"]
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return {**obj["state_dict"], "codebook": model.codebook}  # official files leave the codebook to stage 1
+    raise CheckpointError(f"{path}: not a stage-2 checkpoint (ours or an official RQ-Transformer .pt)")
+
+
+def gpt_starting_state(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights from our checkpoint or an official LlamaGen / NPP GPT file (its `model` weights)."""
+    from npp import official as npp_official
+
+    obj = npp_official.read_official_gpt_file(path)
+    if is_our_checkpoint(obj):
+        return obj["model"]
+    state = npp_official.official_gpt_state(obj, use_ema=False)
+    if state is None:
+        raise CheckpointError(f"{path}: not a GPT checkpoint (ours or an official LlamaGen / NPP .pt)")
+    return state
+
+
+def stage2_method(raw_config: Mapping[str, Any], path: str) -> Stage2Method:
+    """The prior family of a stage-2 config, from `arch.type`."""
+    arch_type = (raw_config.get("arch") or {}).get("type") if isinstance(raw_config.get("arch"), Mapping) else None
+    if arch_type == "rq-transformer":
+        from rqvae.stage2 import STAGE2_SCHEMA, RQTransformerStage2Task, resolve_arch
+
+        return Stage2Method("rq-transformer", STAGE2_SCHEMA, RQTransformerStage2Task, resolve_arch,
+                            rqtransformer_starting_state)
+    if arch_type == "llamagen-gpt":
+        from npp.stage2 import NPP_SCHEMA, NPPStage2Task, resolve_gpt_arch
+
+        return Stage2Method("llamagen-gpt", NPP_SCHEMA, NPPStage2Task, resolve_gpt_arch, gpt_starting_state)
+    raise ConfigError(f"{path}: arch.type must name a prior this codebase trains (rq-transformer, llamagen-gpt), "
+                      f"got {arch_type!r}")
+
+
 def read_lfq_config(path: str) -> Config:
     """An Open-MAGVIT2 tokenizer config, official or ours, as our validated stage-1 LFQ config."""
     data = stage1_config_data(read_yaml(path), path)

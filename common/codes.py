@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.config import Field
 from common.errors import DataError
+
+CODES_SCHEMA = {  # the `codes` section of a prior's config
+    "train": Field(str, None, doc="folder of code shards from scripts/extract_codes.py to train on instead of images"),
+    "val": Field(str, None),
+}
 
 
 def shard_path(directory: str, shard: int) -> str:

@@ -36,9 +36,15 @@ OPTIMIZER_SCHEMA = {
 }
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD (momentum 0.9) from an `optimizer` config section."""
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping,
+                    no_decay: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD (momentum 0.9) from an `optimizer` config section; the parameters listed in
+    `no_decay` (e.g. norm weights) form a second group without weight decay."""
+    excluded = {id(p) for p in no_decay}
+    decayed = [p for p in params if p.requires_grad and id(p) not in excluded]
+    params = [{"params": decayed}]
+    if excluded:
+        params.append({"params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0})
     if cfg["type"] == "sgd":
         return torch.optim.SGD(params, lr=cfg["init_lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
     optimizer_class = torch.optim.Adam if cfg["type"] == "adam" else torch.optim.AdamW

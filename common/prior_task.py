@@ -98,6 +98,7 @@ class PriorTask:
             with self.autocast():
                 loss, logs = self.train_loss(*args, **kwargs)
             (loss / self.accumulation).backward()
+        logs["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         if update:
             if self.max_grad_norm:
                 logs["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
@@ -106,7 +107,6 @@ class PriorTask:
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.model)
-        logs["lr"] = self.scheduler.get_last_lr()[0]
         return logs
 
     def eval_model(self) -> contextlib.AbstractContextManager:

@@ -93,7 +93,7 @@ def average_patches(embeddings: torch.Tensor, grid: int, side: int) -> torch.Ten
 
 
 class GPT(nn.Module):
-    """Class label -> codes (B, grid^2) of a tokenizer, one at a time."""
+    """Class label -> codes (B, grid, grid) of a tokenizer, one at a time."""
 
     def __init__(self, dim: int, n_layer: int, n_head: int, vocab_size: int = 16384, num_classes: int = 1000,
                  image_tokens: int = 256, ffn_hidden: int | None = None, multiple_of: int = 256,
@@ -141,8 +141,9 @@ class GPT(nn.Module):
         return self.output(self.norm(x)).float()
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor, patch_side: int = 1) -> torch.Tensor:
-        """Teacher-forced logits (B, N, V), N = (grid / patch_side)^2: position n, fed the class token and
-        patches 0 .. n-1, predicts patch n (at patch_side 1, code n)."""
+        """Teacher-forced logits (B, N, V), N = (grid / patch_side)^2, for codes (B, grid, grid) or in raster
+        order (B, grid^2): position n, fed the class token and patches 0 .. n-1, predicts patch n."""
+        codes = codes.flatten(1)
         self.check_inputs(codes, labels, patch_side)
         patches = average_patches(self.tok_embeddings(codes), self.grid, patch_side)
         x = self.tok_dropout(torch.cat([self.cls_embedding(labels), patches[:, :-1]], dim=1))
@@ -152,7 +153,7 @@ class GPT(nn.Module):
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean cross-entropy of every code against the logits of its patch (LlamaGen's loss at patch_side 1)."""
         log_probs = F.log_softmax(self(codes, labels, patch_side), dim=-1)  # (B, N, V)
-        targets = patch_targets(codes, self.grid, patch_side)  # (B, N, P)
+        targets = patch_targets(codes.flatten(1), self.grid, patch_side)  # (B, N, P)
         loss = -log_probs.gather(-1, targets).mean()
         return loss, {"loss": loss.item()}
 
@@ -160,7 +161,7 @@ class GPT(nn.Module):
     def generate(self, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1,
                  temperature: float = 1.0, top_k: Knob = None, top_p: Knob = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample codes (B, grid^2) for class labels (B,), token by token with a KV cache.
+        """Sample codes (B, grid, grid) for class labels (B,), token by token in raster order with a KV cache.
 
         With cfg_scale > 1 the labels and the null class run as one batch and the logits are
         uncond + cfg_scale * (cond - uncond), for every token, or with cfg_interval >= 0 for the
@@ -184,7 +185,7 @@ class GPT(nn.Module):
                     if cfg_interval < 0 or t <= cfg_interval + 1 else cond_logits
             codes[:, t] = sample_from_logits(logits, temperature, top_k, top_p, generator)
             x = self.tok_embeddings(codes[:, t:t + 1].repeat(len(cond) // len(labels), 1))
-        return codes
+        return codes.view(-1, self.grid, self.grid)
 
     def check_inputs(self, codes: torch.Tensor | None, labels: torch.Tensor, patch_side: int) -> None:
         """Refuse labels, codes or a patch side the model cannot take, with one clear line."""
@@ -201,6 +202,10 @@ class GPT(nn.Module):
 
 def check_arch(arch: Mapping[str, Any], source: str) -> None:
     """Catch an inconsistent GPT arch section before it turns into a shape error inside the model."""
+    for key in ("vocab_size", "image_tokens"):
+        if arch[key] is None:
+            raise ConfigError(f"{source}: arch.{key} is missing: set it to the tokenizer's (main_stage2.py fills it "
+                              "from -v)")
     if arch["dim"] % arch["n_head"] or (arch["dim"] // arch["n_head"]) % 4:
         raise ConfigError(f"{source}: arch.dim {arch['dim']} must split into arch.n_head {arch['n_head']} heads "
                           "whose size is a multiple of 4 (2-D rotary embeddings)")

@@ -36,9 +36,10 @@ GPT_ARCH = {
     "n_head": Field(int, doc="attention heads (head_dim = dim / n_head; 64 in every released model)"),
     "multiple_of": Field(int, 256, doc="the SwiGLU hidden size is 8 dim / 3 rounded up to a multiple of this"),
     "ffn_hidden": Field(int, None, doc="SwiGLU hidden size; null: from multiple_of"),
-    "vocab_size": Field(int, 16384, doc="codebook size of the tokenizer"),
+    "vocab_size": Field(int, None, doc="codebook size of the tokenizer (16384 for VQ-16); null: the tokenizer's"),
     "num_classes": Field(int, 1000, doc="classes; one more row of the class table is the null class"),
-    "image_tokens": Field(int, 256, doc="codes per image, a square grid (256: 16x16, 256 px with VQ-16)"),
+    "image_tokens": Field(int, None, doc="codes per image, a square grid (256: 16x16 at 256 px with VQ-16); "
+                                          "null: the tokenizer's"),
     "rope_base": Field(float, 10000.0),
     "norm_eps": Field(float, 1e-5),
     "token_dropout_p": Field(float, 0.1),

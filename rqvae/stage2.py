@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from common.codes import CODES_SCHEMA
 from common.config import ANY, Config, Field
 from common.data import DATASET_SCHEMA
 from common.dist import DistEnv
@@ -26,10 +27,7 @@ from rqvae.transformer import RQTransformer
 
 STAGE2_SCHEMA = {
     "dataset": DATASET_SCHEMA,
-    "codes": {
-        "train": Field(str, None, doc="ours: folder of extracted code shards to train on instead of images"),
-        "val": Field(str, None),
-    },
+    "codes": CODES_SCHEMA,
     "vqvae": {"ckpt": Field(str, None, doc="the stage-1 checkpoint (ours or official) whose codes are modelled"),
               "*": ANY},  # released configs also copy the stage-1 arch here
     "arch": RQTRANSFORMER_ARCH,

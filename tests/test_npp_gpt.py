@@ -78,14 +78,14 @@ def test_cached_steps_equal_the_full_forward_and_the_official_last_logits(gpt):
 def test_generated_codes_equal_the_official_sampler(gpt, name, knobs):
     torch.manual_seed(777)  # what the official run seeded right before its stochastic call
     codes = gpt.generate(torch.from_numpy(GENERATED["labels"]), **knobs)
-    assert torch.equal(codes, torch.from_numpy(GENERATED[name]).long())
+    assert codes.shape == (2, 12, 12) and torch.equal(codes.flatten(1), torch.from_numpy(GENERATED[name]).long())
 
 
 @torch.no_grad()
 def test_greedy_samples_decode_to_the_official_images(gpt):
     vq, _ = load_tokenizer(os.path.join(NPP_DATA, "vq_tiny.pt"))
     codes = gpt.generate(torch.from_numpy(GENERATED["labels"]), top_k=1, cfg_scale=1.5)
-    images = vq.decode_codes(codes.view(2, 12, 12))
+    images = vq.decode_codes(codes)
     pixels = (127.5 * images + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # LlamaGen's
     for pixel, label in zip(pixels, (0, 7)):
         official = np.asarray(Image.open(os.path.join(NPP_DATA, f"sample_greedy_cfg1.5_label{label}.png")))
@@ -119,7 +119,7 @@ def test_units_rope_patches_and_filters():
                                               ("GPT-XL", 774_699_520), ("GPT-XXL", 1_410_972_672)])
 def test_presets_build_the_released_sizes(name, parameters):
     with torch.device("meta"):
-        model = GPT.from_config({"type": "llamagen-gpt", **GPT_PRESETS[name]})
+        model = GPT.from_config({"type": "llamagen-gpt", "vocab_size": 16384, "image_tokens": 256, **GPT_PRESETS[name]})
     assert sum(p.numel() for p in model.parameters()) == parameters
     if name == "GPT-B":
         listing = [f"{k} [{','.join(map(str, v.shape))}] {str(v.dtype).removeprefix('torch.')}"
@@ -133,7 +133,7 @@ def test_training_step_learns_and_drops_classes():
     model = GPT.from_config({"type": "llamagen-gpt", "dim": 32, "n_layer": 2, "n_head": 2, "vocab_size": 16,
                              "num_classes": 3, "image_tokens": 16, "class_dropout_prob": 0.5}).train()
     assert model.output.weight.abs().sum() == 0  # LlamaGen zero-initialises the output layer
-    codes = torch.randint(0, 16, (8, 16))
+    codes = torch.randint(0, 16, (8, 4, 4))
     labels = torch.randint(0, 3, (8,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -168,4 +168,7 @@ def test_bad_input_is_refused(gpt, tmp_path):
         load_official_gpt(str(tmp_path / "bare_tiny.pt"))
     assert load_official_gpt(str(tmp_path / "bare_tiny.pt"), n_head=4, image_tokens=144)[1]["n_layer"] == 3
     with pytest.raises(ConfigError, match="arch.image_tokens must be a square"):
-        GPT.from_config({"type": "llamagen-gpt", "dim": 32, "n_layer": 1, "n_head": 2, "image_tokens": 15})
+        GPT.from_config({"type": "llamagen-gpt", "dim": 32, "n_layer": 1, "n_head": 2, "image_tokens": 15,
+                         "vocab_size": 16})
+    with pytest.raises(ConfigError, match="arch.vocab_size is missing"):
+        GPT.from_config({"type": "llamagen-gpt", "dim": 32, "n_layer": 1, "n_head": 2, "image_tokens": 16})

@@ -1,0 +1,84 @@
+"""Next-patch prediction through main_stage2.py, on shapes images encoded by the official tiny LlamaGen VQ.
+
+24 px images -> 12x12 codes of 128 entries; three stages (4x4 patches, 2x2 patches, tokens).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import main_stage2
+from common.runlog import read_metrics
+from npp.official import read_official_gpt_file
+from npp.schedule import patch_plan, segment_lr_multiplier
+from tests.helpers import DATA, assert_one_line_error, assert_resume_is_exact, run_cli, train_records
+
+CONFIG = "configs/shapes/stage2/npp-gpt.yaml"
+VQ = os.path.join(DATA, "npp", "vq_tiny.pt")
+GPT_FILE = os.path.join(DATA, "npp", "gpt_tiny_c2i.pt")
+RQVAE = os.path.join(DATA, "rqvae", "stage1", "model.pt")
+UNITS = dict(np.load(os.path.join(DATA, "npp", "units.npz")))
+TINY = ["-v", VQ, "dataset.resolution=24", "dataset.num_samples=64", "arch.dim=32", "arch.n_layer=2",
+        "arch.n_head=2", "experiment.batch_size=8", "experiment.log_every=1", "experiment.eval_batches=2",
+        "experiment.sample.top_k=8", "npp.warmup_epochs=0.25"]
+
+
+def test_patch_plans_and_lr_schedule_match_the_official_ones():
+    with open(os.path.join(DATA, "npp", "epoch_plans.json")) as f:
+        plans = json.load(f)  # the official plans for 200 epochs
+    for key, plan in plans.items():
+        epochs, level, rate = key.split("_")
+        assert patch_plan(int(epochs[1:]), int(level[1:]), float(rate[1:])) == \
+            (plan["patch_sizes"], plan["epoch_range"])
+    plan = patch_plan(12, 4, 0.6)
+    ours = [3e-4 * segment_lr_multiplier(step, 5, plan, 1, 0.3, 3e-4, 3e-5) for step in range(60)]
+    assert ours == pytest.approx(UNITS["lr_schedule_E12_spe5_K4_r0.6"][:60].tolist(), rel=1e-12, abs=1e-15)
+
+
+def test_tiny_training_goes_from_patches_to_tokens_and_learns(tmp_path):
+    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path), *TINY, "experiment.epochs=4", "optimizer.init_lr=3e-3"])
+    run = tmp_path / "npp-gpt"
+    records = train_records(run)
+    assert [r["patch_size"] for r in records] == [16] * 8 + [4] * 8 + [1] * 16  # stages end at epochs 1, 2, 4
+    assert records[0]["lr"] == 0.0 and records[8]["lr"] == 0.0  # every stage restarts its warm-up at zero
+    val = [r["val_loss"] for r in read_metrics(str(run / "metrics.jsonl")) if r["split"] == "val"]
+    assert len(val) == 4 and val == sorted(val, reverse=True) and val[-1] < val[0] - 0.3  # token-level loss falls
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["config"]["arch"]["vocab_size"] == 128 and ckpt["config"]["arch"]["image_tokens"] == 144
+    decay_groups = [group["weight_decay"] for group in ckpt["optimizer"]["param_groups"]]
+    assert decay_groups == [0.05, 0.0]  # no decay on the RMSNorm weights, as officially
+    assert (run / "images" / "epoch0004.png").is_file()
+
+
+def test_resume_continues_exactly(tmp_path):
+    # stops inside the 2x2-patch stage; class dropout and the patch schedule continue exactly
+    assert_resume_is_exact(main_stage2.main, ["-m", CONFIG, *TINY, "experiment.epochs=2"], tmp_path, "npp-gpt",
+                           stop_step=11, total_steps=16)
+
+
+def test_official_gpt_file_as_starting_point(tmp_path):
+    # -l loads the official weights; at learning rate 0 the run's checkpoint still holds exactly them
+    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path), "-v", VQ, "-l", GPT_FILE, "dataset.resolution=24",
+                      "dataset.num_samples=16", "arch.dim=48", "arch.n_layer=3", "arch.n_head=4",
+                      "arch.multiple_of=48", "arch.num_classes=12", "experiment.batch_size=8", "experiment.epochs=1",
+                      "experiment.eval_batches=1", "optimizer.init_lr=0.0", "npp.scheduler=false"])
+    trained = torch.load(tmp_path / "npp-gpt" / "last.pt", weights_only=True)["model"]
+    official = read_official_gpt_file(GPT_FILE)["model"]
+    assert trained.keys() == official.keys() and all(torch.equal(trained[k], official[k]) for k in official)
+
+
+def test_bad_input_gives_one_clear_line(tmp_path):
+    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v", RQVAE),
+                          "square grid of codes", "[8, 8, 3]")
+    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), *TINY, "npp.patch_level=5"),
+                          "npp.patch_level 5")
+    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), *TINY, "npp.patch_level=4"),
+                          "do not tile the 12x12 code grid")
+    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), *TINY, "arch.vocab_size=64"),
+                          "arch.vocab_size 64", "128")
+    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), *TINY, "-l", RQVAE),
+                          "not a GPT checkpoint")
