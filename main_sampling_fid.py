@@ -110,17 +110,17 @@ def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
     tokenizer, _ = load_tokenizer(args.model_vqvae_path)
-    prior, config, defaults = load_prior(args.model_ar_path, tokenizer, use_ema=not args.no_ema)
+    prior, _, defaults = load_prior(args.model_ar_path, tokenizer, use_ema=not args.no_ema)
     if args.cfg != 1.0 and prior.null_class is None:
         raise ConfigError(f"--cfg {args.cfg}: {args.model_ar_path} was not trained for classifier-free guidance "
                           "(arch.cfg_null_class); use --cfg 1")
-    depth = prior.block_size[2]
+    depth = prior.code_depth
     knobs = {"temperature": defaults["temperature"] if args.temp is None else args.temp,
              "top_k": per_depth(defaults["top_k"] if args.top_k is None else args.top_k, depth, "--top-k"),
              "top_p": per_depth(defaults["top_p"] if args.top_p is None else args.top_p, depth, "--top-p"),
              "cfg_scale": args.cfg}
     check_sampling_knobs(knobs["temperature"], knobs["top_k"], knobs["top_p"])
-    use_ema = not args.no_ema and bool(config["arch"].get("ema"))  # training kept EMA weights (ours and official)
+    use_ema = defaults["ema"]  # whether EMA weights were loaded
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     return Sampler(tokenizer.to(device), prior.to(device), knobs, use_ema, device, torch.bfloat16 if bf16 else None)
 

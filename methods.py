@@ -69,7 +69,7 @@ def gpt_starting_state(path: str, model: torch.nn.Module) -> dict[str, torch.Ten
     """Weights from our checkpoint or an official LlamaGen / NPP GPT file (its `model` weights)."""
     from npp import official as npp_official
 
-    obj = npp_official.read_official_gpt_file(path)
+    obj = load_file(path)
     if is_our_checkpoint(obj):
         return obj["model"]
     state = npp_official.official_gpt_state(obj, use_ema=False)
@@ -203,40 +203,75 @@ def load_prior(path: str, tokenizer: torch.nn.Module, use_ema: bool = True, conf
                map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """A stage-2 prior in eval mode for the codes of `tokenizer`; returns (prior, config, sampling defaults).
 
-    Reads our stage-2 checkpoints and official RQ-Transformer `.pt` files (config.yaml beside them).
-    EMA weights are used when the checkpoint has them and `use_ema` is true. The defaults are
-    {temperature, top_k, top_p}: the release's `sampling` section for official files, the training
-    config's `experiment.sample` for ours. A tokenizer whose codes the prior does not model is refused.
+    Reads our stage-2 checkpoints, official RQ-Transformer `.pt` files (config.yaml beside them) and
+    official LlamaGen / NPP GPT files. EMA weights are used when the checkpoint has them and `use_ema`
+    is true. The defaults are {temperature, top_k, top_p} (the release's `sampling` section for official
+    RQ-Transformers, the training config's `experiment.sample` for ours, LlamaGen's for its files) and
+    `ema`, whether EMA weights were loaded. A tokenizer whose codes the prior does not model is refused.
     """
+    from npp import official as npp_official
     from rqvae import official as rqvae_official
+
+    obj = load_file(path, map_location)
+    ours = is_our_checkpoint(obj)
+    if (ours and obj.get("kind") == "llamagen-gpt") or (not ours and npp_official.official_gpt_state(obj)):
+        return load_gpt_prior(obj, path, tokenizer, use_ema)
+    if ours and obj.get("kind") != "rq-transformer":
+        raise CheckpointError(f"{path}: holds a {obj.get('kind')!r} model, not a stage-2 prior")
+    if not (ours or rqvae_official.is_official_rqtransformer_checkpoint(obj)):
+        raise CheckpointError(f"{path}: not a stage-2 checkpoint this codebase knows (ours, an official "
+                              "RQ-Transformer .pt or an official LlamaGen / NPP GPT)")
     from rqvae.transformer import RQTransformer
     from rqvae.vqvae import RQVAE
 
-    obj = load_file(path, map_location)
-    if is_our_checkpoint(obj) and obj.get("kind") != "rq-transformer":
-        raise CheckpointError(f"{path}: holds a {obj.get('kind')!r} model, not a stage-2 prior")
-    if not (is_our_checkpoint(obj) or rqvae_official.is_official_rqtransformer_checkpoint(obj)):
-        raise CheckpointError(f"{path}: not a stage-2 checkpoint this codebase knows (ours or an official "
-                              "RQ-Transformer .pt)")
     if not isinstance(tokenizer, RQVAE):
         raise CheckpointError(f"{path}: an RQ-Transformer models the codes of an RQ-VAE, and the stage-1 model given "
                               f"is a {type(tokenizer).__name__}; pass the RQ-VAE it was trained with")
-    if is_our_checkpoint(obj):
+    if ours:
         config = obj["config"]
         prior = RQTransformer.from_config(config["arch"], source=path)
-        strict_load(prior, obj["ema"]["shadow"] if use_ema and obj.get("ema") else obj["model"], path)
+        ema = use_ema and bool(obj.get("ema"))
+        strict_load(prior, obj["ema"]["shadow"] if ema else obj["model"], path)
         check_prior_codebook(prior, tokenizer, path, config["vqvae"].get("ckpt"))
         sample = (config.get("experiment") or {}).get("sample") or {}
         defaults = {"temperature": sample.get("temp", 1.0), "top_k": sample.get("top_k"), "top_p": sample.get("top_p")}
-        return prior.eval(), config, defaults
+        return prior.eval(), config, {**defaults, "ema": ema}
     beside = rqvae_official.official_config_path(path)
     if config_path is not None and os.path.abspath(config_path) != beside:
         raise ConfigError(f"{config_path}: an official RQ-Transformer is rebuilt from the config.yaml released "
                           f"with it, which must sit at {beside}")
-    use_ema = use_ema and isinstance(obj.get("state_dict_ema"), Mapping)
+    ema = use_ema and isinstance(obj.get("state_dict_ema"), Mapping)
     del obj  # the loader reads the file again; do not hold two copies of a large model
-    prior = rqvae_official.load_official_rqtransformer(path, tokenizer, ema=use_ema)
-    return prior.to(map_location), read_yaml(beside), rqvae_official.official_sampling_defaults(path)
+    prior = rqvae_official.load_official_rqtransformer(path, tokenizer, ema=ema)
+    defaults = rqvae_official.official_sampling_defaults(path)
+    return prior.to(map_location), read_yaml(beside), {**defaults, "ema": ema}
+
+
+def load_gpt_prior(obj: Mapping[str, Any], path: str, tokenizer: torch.nn.Module, use_ema: bool
+                   ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """`load_prior` for a LlamaGen GPT: ours (trained by main_stage2.py) or an official file."""
+    from npp import official as npp_official
+    from npp.gpt import GPT
+
+    if is_our_checkpoint(obj):
+        config = obj["config"]
+        ema = use_ema and bool(obj.get("ema"))
+        state = obj["ema"]["shadow"] if ema else obj["model"]
+        sample = config["experiment"].get("sample") or {}
+    else:
+        ema = use_ema and isinstance(obj.get("ema"), Mapping)
+        state = npp_official.official_gpt_state(obj, ema)
+        config = {"arch": npp_official.gpt_arch_from_state(state, path, obj.get("args"))}
+        sample = {}  # LlamaGen samples with temperature 1, no top-k / top-p
+    prior = GPT.from_config(config["arch"], path)
+    strict_load(prior, state, path)
+    if len(tuple(tokenizer.code_shape)) != 2 or tokenizer.vocab_size != prior.vocab_size:
+        raise CheckpointError(f"{path}: the GPT models codes of a {prior.vocab_size}-entry codebook on a square "
+                              f"grid; the given stage-1 model makes codes of shape {list(tokenizer.code_shape)} "
+                              f"from {tokenizer.vocab_size} entries; pass the tokenizer it was trained with")
+    defaults = {"temperature": sample.get("temperature", 1.0), "top_k": sample.get("top_k"),
+                "top_p": sample.get("top_p"), "ema": ema}
+    return prior.eval(), config, defaults
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ each method's `official` module recognises and converts them.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import random
@@ -38,7 +39,9 @@ def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # argparse.Namespace: official training scripts (LlamaGen, NPP) store their arguments in it; plain data
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         if "Weights only load failed" in str(error) or "Unsupported global" in str(error):

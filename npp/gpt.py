@@ -22,7 +22,7 @@ from common.config import validate
 from common.errors import ConfigError, DataError
 from common.layers import RMSNorm, SwiGLU
 from common.rope import apply_rope, rope_2d_table
-from common.sampling import Knob, cfg_mix, check_sampling_knobs, sample_from_logits
+from common.sampling import Knob, cfg_mix, check_sampling_knobs, per_depth, sample_from_logits
 from npp.schema import GPT_ARCH
 
 
@@ -115,6 +115,16 @@ class GPT(nn.Module):
         self.vocab_size = vocab_size
         self.initialize_weights()
 
+    @property
+    def null_class(self) -> int:
+        """The class-table row of classifier-free guidance (every LlamaGen model has one)."""
+        return self.num_classes
+
+    @property
+    def code_depth(self) -> int:
+        """Codes per position: one (sampling knobs take one value)."""
+        return 1
+
     @classmethod
     def from_config(cls, arch: Mapping[str, Any], source: str = "config") -> "GPT":
         """Build from an `arch` section (see npp/schema.py)."""
@@ -169,6 +179,7 @@ class GPT(nn.Module):
         per token for the whole batch, from `generator` or the global RNG.
         """
         check_sampling_knobs(temperature, top_k, top_p)
+        top_k, top_p = per_depth(top_k, 1, "--top-k")[0], per_depth(top_p, 1, "--top-p")[0]
         self.check_inputs(None, labels, 1)
         guided = cfg_scale > 1.0
         cond = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels

@@ -6,14 +6,13 @@ with it: the widths, the number of levels and the codebook are read off the weig
 image size (not recoverable from a convolutional model) defaults to 256.
 
 GPT (`c2i_B_256.pt`, ...): `{"model", "optimizer", "steps", "args"}` as the training script writes
-it (`args` is an argparse.Namespace, allowed through `weights_only` loading as plain data), `ema`
+it (`args`, an argparse.Namespace, is let through `weights_only` loading as plain data), `ema`
 when trained with it, or a bare state dict. Width, depth, vocabulary and classes come from the
 weights; the heads from the released model name (head size 64) or the caller; the code grid from
 `args` (image_size / downsample_size) or the caller.
 """
 from __future__ import annotations
 
-import argparse
 import re
 from typing import Any, Mapping
 
@@ -77,12 +76,6 @@ GPT_SIGNATURE = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight"
 COMPUTED_KEYS = re.compile(r"(^|\.)(freqs_cis|kv_cache\.[kv]_cache)$")  # tables and caches, rebuilt on load
 
 
-def read_official_gpt_file(path: str) -> Any:
-    """The loaded file: tensors, plain containers and the training script's argparse.Namespace only."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return load_file(path)
-
-
 def official_gpt_state(obj: Any, use_ema: bool = True) -> dict[str, torch.Tensor] | None:
     """The GPT weights of a loaded official file (its `ema` when present and `use_ema`), without the
     computed tables some files carry; None when the object is not one."""
@@ -121,7 +114,7 @@ def gpt_arch_from_state(state: Mapping[str, torch.Tensor], source: str, args: An
 def load_official_gpt(path: str, use_ema: bool = True, n_head: int | None = None,
                       image_tokens: int | None = None) -> tuple[GPT, dict[str, Any]]:
     """A GPT in eval mode with the weights of an official file, and its arch section."""
-    obj = read_official_gpt_file(path)
+    obj = load_file(path)
     state = official_gpt_state(obj, use_ema)
     if state is None:
         raise CheckpointError(f"{path}: not an official LlamaGen / NPP GPT checkpoint (expected a 'model' state "

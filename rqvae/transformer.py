@@ -184,6 +184,11 @@ class RQTransformer(nn.Module):
         self.head_transformer = Transformer(head["n_layer"], embed_dim=embed_dim, **_block_args(head))
         self.classifier = Classifier(embed_dim, vocab_size, D, shared_cls_emb)
 
+    @property
+    def code_depth(self) -> int:
+        """Codes per position (D): the sampling knobs take one value or one per depth."""
+        return self.block_size[2]
+
     @classmethod
     def from_config(cls, arch: Mapping[str, Any], source: str = "config") -> "RQTransformer":
         """Build from an `arch` section (ours or an official config.yaml); the codebook is set afterwards."""

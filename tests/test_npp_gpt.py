@@ -15,12 +15,13 @@ from PIL import Image
 from torch.testing import assert_close
 
 from common.attention import KVCache
+from common.checkpoint import load_file
 from common.errors import CheckpointError, ConfigError, DataError
 from common.rope import rope_2d_table
 from common.sampling import sampling_probs
 from methods import load_tokenizer
 from npp.gpt import GPT, average_patches, patch_targets
-from npp.official import load_official_gpt, read_official_gpt_file
+from npp.official import load_official_gpt
 from npp.schema import GPT_PRESETS
 from tests.helpers import DATA
 
@@ -162,7 +163,7 @@ def test_bad_input_is_refused(gpt, tmp_path):
     torch.save({"model": {"encoder.conv_in.weight": torch.zeros(1)}}, tmp_path / "not_gpt.pt")
     with pytest.raises(CheckpointError, match="not an official LlamaGen / NPP GPT"):
         load_official_gpt(str(tmp_path / "not_gpt.pt"))
-    state = read_official_gpt_file(CKPT)["model"]
+    state = load_file(CKPT)["model"]
     torch.save(state, tmp_path / "bare_tiny.pt")  # no args: the tiny width has no released head count
     with pytest.raises(CheckpointError, match=r"give its number of attention heads \(n_head=\)"):
         load_official_gpt(str(tmp_path / "bare_tiny.pt"))
@@ -172,3 +173,4 @@ def test_bad_input_is_refused(gpt, tmp_path):
                          "vocab_size": 16})
     with pytest.raises(ConfigError, match="arch.vocab_size is missing"):
         GPT.from_config({"type": "llamagen-gpt", "dim": 32, "n_layer": 1, "n_head": 2, "image_tokens": 16})
+

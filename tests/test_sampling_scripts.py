@@ -129,10 +129,10 @@ def test_load_prior_reads_our_checkpoints(tmp_path, capsys):
     path, raw, ema = our_stage2(tmp_path, tokenizer)
     prior, config, defaults = load_prior(path, tokenizer)
     assert not prior.training and config["vqvae"]["ckpt"] == STAGE1
-    assert defaults == {"temperature": 0.7, "top_k": 3, "top_p": 0.9}
+    assert defaults == {"temperature": 0.7, "top_k": 3, "top_p": 0.9, "ema": True}
     assert torch.equal(prior.state_dict()["head_mlp.weight"], ema["head_mlp.weight"])
-    prior, _, _ = load_prior(path, tokenizer, use_ema=False)
-    assert torch.equal(prior.state_dict()["head_mlp.weight"], raw["head_mlp.weight"])
+    prior, _, defaults = load_prior(path, tokenizer, use_ema=False)
+    assert torch.equal(prior.state_dict()["head_mlp.weight"], raw["head_mlp.weight"]) and not defaults["ema"]
 
     out = tmp_path / "guided"
     sample.main(["-v", STAGE1, "-a", path, "--classes", "1", "3", "-n", "2", "--cfg", "2.5", "--device", "cpu",
