@@ -1,6 +1,6 @@
 """The main job on a fresh machine: train each method's tiny configs on built-in shapes, sample, score.
 
-    python scripts/quickstart.py                  # every method, about 10 minutes on 2 CPU cores
+    python scripts/quickstart.py                  # every method, about 7 minutes on 2 CPU cores
     python scripts/quickstart.py --method rqvae   # one method
 
 Writes outputs/quickstart/: per method the training runs (checkpoints, metrics.jsonl, grids),
@@ -29,7 +29,7 @@ from common.metrics import (InceptionAccumulator, find_inception_weights, load_i
                             reconstruction_metrics)
 from methods import load_prior, load_tokenizer  # noqa: E402
 
-METHODS = ("rqvae", "lfq")
+METHODS = ("rqvae", "lfq", "npp")
 CLASSES = 10
 
 
@@ -81,25 +81,20 @@ def run_lfq(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
             "files": {"reconstructions": "reconstructions.png", "runs": "runs/"}}
 
 
-def run_rqvae(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
-    """RQ-VAE on shapes, then the class-conditional RQ-Transformer on its codes, then samples."""
+def train_prior_and_sample(config: str, name: str, stage1: str, tokenizer, val, out: str, env: dist.DistEnv,
+                           inception, fast: bool, overrides: list[str], top_k: int) -> dict:
+    """Train a tiny class-conditional prior on a tokenizer's codes; draw and score samples per class,
+    without and with classifier-free guidance."""
     runs = os.path.join(out, "runs")
-    stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/rqvae.yaml", "rqvae",
-                                                                      out, env, inception, fast)
-
-    stage2_overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
-        ["dataset.num_samples=1600", "experiment.epochs=3"]
-    main_stage2.main(["-m", "configs/shapes/stage2/rqtransformer.yaml", "-r", runs, "-v", stage1,
-                      "--device", str(env.device), *stage2_overrides])
-    prior, _, _ = load_prior(os.path.join(runs, "rqtransformer", "last.pt"), tokenizer)
+    main_stage2.main(["-m", config, "-r", runs, "-v", stage1, "--device", str(env.device), *overrides])
+    prior, _, _ = load_prior(os.path.join(runs, name, "last.pt"), tokenizer)
     prior = prior.to(env.device)
-
     per_class = 2 if fast else 20
     labels = torch.arange(CLASSES, device=env.device).repeat_interleave(per_class)
     generator = torch.Generator(env.device).manual_seed(0)
     samples = {}
     for cfg_scale in (1.0, 3.0):
-        codes = torch.cat([prior.generate(chunk, top_k=16, cfg_scale=cfg_scale, generator=generator)
+        codes = torch.cat([prior.generate(chunk, top_k=top_k, cfg_scale=cfg_scale, generator=generator)
                            for chunk in labels.split(100)])
         with torch.no_grad():
             samples[cfg_scale] = tokenizer.decode_codes(codes).clamp(-1, 1).cpu()
@@ -107,18 +102,47 @@ def run_rqvae(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
         save_image_grid(grid.transpose(0, 1).reshape(-1, 3, 32, 32),
                         os.path.join(out, f"samples_cfg{cfg_scale:g}.png"), nrow=CLASSES)
     reference = torch.stack([val[i]["image"] for i in range(len(labels))])
-    sample_scores = {f"cfg{scale:g}": score_samples(images, reference, inception) for scale, images in samples.items()}
+    return {f"cfg{scale:g}": score_samples(images, reference, inception) for scale, images in samples.items()}
+
+
+def run_rqvae(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
+    """RQ-VAE on shapes, then the class-conditional RQ-Transformer on its codes, then samples."""
+    stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/rqvae.yaml", "rqvae",
+                                                                      out, env, inception, fast)
+    overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
+        ["dataset.num_samples=1600", "experiment.epochs=3"]
+    sample_scores = train_prior_and_sample("configs/shapes/stage2/rqtransformer.yaml", "rqtransformer", stage1,
+                                           tokenizer, val, out, env, inception, fast, overrides, top_k=16)
     return {"stage1_reconstruction": stage1_scores, "samples": sample_scores,
-            "files": {"reconstructions": "reconstructions.png", "samples": [f"samples_cfg{s:g}.png" for s in samples],
+            "files": {"reconstructions": "reconstructions.png", "samples": ["samples_cfg1.png", "samples_cfg3.png"],
                       "runs": "runs/"}}
 
 
+def run_npp(out: str, env: dist.DistEnv, inception, fast: bool, lfq_out: str | None = None) -> dict:
+    """Next-patch prediction: LlamaGen's GPT on the codes of the tiny Open-MAGVIT2 tokenizer (LlamaGen's VQ
+    tokenizer is not trained here), 4x4 then 2x2 patches then tokens, then samples. The tokenizer is the
+    one the lfq method trained in `lfq_out`, or trained here."""
+    if lfq_out is None:
+        stage1, tokenizer, val, _ = train_and_score_tokenizer("configs/shapes/stage1/lfq.yaml", "lfq", out, env,
+                                                              inception, fast)
+    else:
+        stage1 = os.path.join(lfq_out, "runs", "lfq", "last.pt")
+        tokenizer = load_tokenizer(stage1)[0].to(env.device)
+        val = build_dataset("shapes", "val", resolution=32, num_samples=40 if fast else 1000)
+    overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else ["dataset.num_samples=3200"]
+    sample_scores = train_prior_and_sample("configs/shapes/stage2/npp-gpt.yaml", "npp-gpt", stage1, tokenizer, val,
+                                           out, env, inception, fast, overrides, top_k=100)
+    return {"tokenizer": stage1, "samples": sample_scores,
+            "files": {"samples": ["samples_cfg1.png", "samples_cfg3.png"], "runs": "runs/"}}
+
+
 def summary_lines(method: str, result: dict, seconds: float) -> list[str]:
-    recon = result["stage1_reconstruction"]
-    lines = [f"{method}: {seconds / 60:.1f} min",
-             f"  reconstruction: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}, codebook usage "
-             + ", ".join(f"d{d} {recon[f'usage_d{d}']:.0%}" for d in range(8) if f"usage_d{d}" in recon)
-             + (f", rFID {recon['rfid']:.2f}" if "rfid" in recon else "")]
+    lines = [f"{method}: {seconds / 60:.1f} min"]
+    recon = result.get("stage1_reconstruction")
+    if recon:
+        lines.append(f"  reconstruction: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}, codebook usage "
+                     + ", ".join(f"d{d} {recon[f'usage_d{d}']:.0%}" for d in range(8) if f"usage_d{d}" in recon)
+                     + (f", rFID {recon['rfid']:.2f}" if "rfid" in recon else ""))
     for name, scores in result["samples"].items():
         if scores:
             lines.append(f"  samples {name}: FID {scores['fid']:.2f} ({scores['fid_note']}), "
@@ -145,7 +169,11 @@ def main(argv=None) -> None:
     for method in methods:
         out = os.path.join(args.output, method)
         start = time.time()
-        results[method] = {"rqvae": run_rqvae, "lfq": run_lfq}[method](out, env, inception, args.fast)
+        if method == "npp":  # on the Open-MAGVIT2 tokenizer, the one just trained when there is one
+            lfq_out = os.path.join(args.output, "lfq") if "lfq" in results else None
+            results[method] = run_npp(out, env, inception, args.fast, lfq_out)
+        else:
+            results[method] = {"rqvae": run_rqvae, "lfq": run_lfq}[method](out, env, inception, args.fast)
         summary += summary_lines(method, results[method], time.time() - start)
     if missing:
         results["fid_skipped"] = missing

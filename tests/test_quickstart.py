@@ -19,3 +19,13 @@ def test_quickstart_fast_writes_grids_metrics_and_summary(tmp_path):
                  "runs/rqtransformer/last.pt"):
         assert (out / "rqvae" / name).is_file()
     assert "Quickstart summary" in result.stdout and "PSNR" in result.stdout
+
+
+def test_quickstart_fast_next_patch_prediction_on_its_own_tokenizer(tmp_path):
+    out = tmp_path / "quickstart"
+    result = run_cli("scripts/quickstart.py", "--fast", "--method", "npp", "--output", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.load(open(out / "metrics.json"))
+    assert metrics["npp"]["tokenizer"].endswith("lfq/last.pt") and "fid_skipped" in metrics
+    for name in ("samples_cfg1.png", "samples_cfg3.png", "runs/lfq/last.pt", "runs/npp-gpt/last.pt"):
+        assert (out / "npp" / name).is_file()
