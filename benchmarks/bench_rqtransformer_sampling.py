@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.cached_vs_uncached import compare  # noqa: E402
 from rqvae.transformer import RQTransformer  # noqa: E402
 
 TINY_ARCH = {
@@ -25,19 +25,6 @@ TINY_ARCH = {
     "shared_cls_emb": True, "body": {"n_layer": 4, "block": {"n_head": 4}},
     "head": {"n_layer": 2, "block": {"n_head": 4}},
 }
-
-
-def time_sampling(model: RQTransformer, batch_size: int, cached: bool, device: torch.device
-                  ) -> tuple[float, torch.Tensor]:
-    cond = torch.zeros(batch_size, dtype=torch.long, device=device)
-    generator = torch.Generator(device).manual_seed(0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    codes = model.generate(cond, top_k=250, top_p=1.0, cached=cached, generator=generator)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, codes
 
 
 def main() -> None:
@@ -54,18 +41,15 @@ def main() -> None:
     torch.manual_seed(0)
     model = RQTransformer.from_config(TINY_ARCH).to(device).eval()
     model.codebook.normal_()
-    time_sampling(model, 2, cached=True, device=device)  # warm-up
 
-    results = {cached: time_sampling(model, args.batch_size, cached, device) for cached in (True, False)}
-    same_codes = torch.equal(results[True][1], results[False][1])
-    print(f"RQ-Transformer sampling, 8x8x4 codes, batch {args.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads; same codes: {same_codes}")
-    print(f"{'path':>9} | {'s / batch':>9} | {'images / s':>10} | {'ms / sample':>11} | {'speed-up':>8}")
-    print("-" * 60)
-    for cached, label in ((False, "uncached"), (True, "cached")):
-        seconds = results[cached][0]
-        print(f"{label:>9} | {seconds:>9.2f} | {args.batch_size / seconds:>10.1f} | "
-              f"{1000 * seconds / args.batch_size:>11.2f} | {results[False][0] / seconds:>7.1f}x")
+    def sample(batch_size: int, cached: bool) -> torch.Tensor:
+        cond = torch.zeros(batch_size, dtype=torch.long, device=device)
+        generator = torch.Generator(device).manual_seed(0)
+        return model.generate(cond, top_k=250, top_p=1.0, cached=cached, generator=generator)
+
+    sample(2, True)  # warm-up
+    compare(lambda cached: sample(args.batch_size, cached), args.batch_size, device,
+            "RQ-Transformer sampling, 8x8x4 codes")
 
 
 if __name__ == "__main__":

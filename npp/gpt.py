@@ -170,13 +170,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1,
                  temperature: float = 1.0, top_k: Knob = None, top_p: Knob = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, cached: bool = True) -> torch.Tensor:
         """Sample codes (B, grid, grid) for class labels (B,), token by token in raster order with a KV cache.
 
         With cfg_scale > 1 the labels and the null class run as one batch and the logits are
         uncond + cfg_scale * (cond - uncond), for every token, or with cfg_interval >= 0 for the
         first cfg_interval + 2 tokens only (then the conditional logits). One `torch.multinomial`
-        per token for the whole batch, from `generator` or the global RNG.
+        per token for the whole batch, from `generator` or the global RNG. `cached=False` runs the whole
+        sequence through the model at every step instead (the slow reference).
         """
         check_sampling_knobs(temperature, top_k, top_p)
         top_k, top_p = per_depth(top_k, 1, "--top-k")[0], per_depth(top_p, 1, "--top-p")[0]
@@ -184,18 +185,23 @@ class GPT(nn.Module):
         guided = cfg_scale > 1.0
         cond = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
         steps = self.grid ** 2
-        caches = [KVCache(1 + steps) for _ in self.layers]
+        caches = [KVCache(1 + steps) for _ in self.layers] if cached else None
         rope = self.rope(self.grid, labels.device)
         codes = torch.empty(labels.shape[0], steps, dtype=torch.long, device=labels.device)
-        x = self.cls_embedding(cond)
+        x = sequence = self.cls_embedding(cond)  # the newest input; the whole sequence so far
         for t in range(steps):
-            logits = self.transformer(x, rope[t:t + 1], caches)[:, -1]
+            if cached:
+                logits = self.transformer(x, rope[t:t + 1], caches)[:, -1]
+            else:
+                logits = self.transformer(sequence, rope[:t + 1])[:, -1]
             if guided:
                 cond_logits, uncond_logits = logits.chunk(2)
                 logits = cfg_mix(cond_logits, uncond_logits, cfg_scale) \
                     if cfg_interval < 0 or t <= cfg_interval + 1 else cond_logits
             codes[:, t] = sample_from_logits(logits, temperature, top_k, top_p, generator)
             x = self.tok_embeddings(codes[:, t:t + 1].repeat(len(cond) // len(labels), 1))
+            if not cached:
+                sequence = torch.cat([sequence, x], dim=1)
         return codes.view(-1, self.grid, self.grid)
 
     def check_inputs(self, codes: torch.Tensor | None, labels: torch.Tensor, patch_side: int) -> None:

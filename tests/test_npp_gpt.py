@@ -93,6 +93,16 @@ def test_greedy_samples_decode_to_the_official_images(gpt):
         assert np.array_equal(pixel, official)
 
 
+def test_cached_and_uncached_sampling_draw_the_same_codes(gpt):
+    labels = torch.tensor([1, 4])
+    runs = []
+    for cached in (True, False):
+        generator = torch.Generator().manual_seed(3)
+        runs.append(gpt.generate(labels, cfg_scale=2.0, top_k=40, top_p=0.9, temperature=1.1, generator=generator,
+                                 cached=cached))
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_guidance_at_scale_one_is_the_unguided_sampler(gpt):
     labels = torch.tensor([3, 3, 9])
     torch.manual_seed(1)
