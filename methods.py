@@ -256,15 +256,14 @@ def load_gpt_prior(obj: Mapping[str, Any], path: str, tokenizer: torch.nn.Module
     if is_our_checkpoint(obj):
         config = obj["config"]
         ema = use_ema and bool(obj.get("ema"))
-        state = obj["ema"]["shadow"] if ema else obj["model"]
+        prior = GPT.from_config(config["arch"], path)
+        strict_load(prior, obj["ema"]["shadow"] if ema else obj["model"], path)
         sample = config["experiment"].get("sample") or {}
     else:
         ema = use_ema and isinstance(obj.get("ema"), Mapping)
-        state = npp_official.official_gpt_state(obj, ema)
-        config = {"arch": npp_official.gpt_arch_from_state(state, path, obj.get("args"))}
+        prior, arch = npp_official.build_official_gpt(obj, path, ema)
+        config = {"arch": arch}
         sample = {}  # LlamaGen samples with temperature 1, no top-k / top-p
-    prior = GPT.from_config(config["arch"], path)
-    strict_load(prior, state, path)
     if len(tuple(tokenizer.code_shape)) != 2 or tokenizer.vocab_size != prior.vocab_size:
         raise CheckpointError(f"{path}: the GPT models codes of a {prior.vocab_size}-entry codebook on a square "
                               f"grid; the given stage-1 model makes codes of shape {list(tokenizer.code_shape)} "

@@ -111,15 +111,20 @@ def gpt_arch_from_state(state: Mapping[str, torch.Tensor], source: str, args: An
     }
 
 
-def load_official_gpt(path: str, use_ema: bool = True, n_head: int | None = None,
-                      image_tokens: int | None = None) -> tuple[GPT, dict[str, Any]]:
-    """A GPT in eval mode with the weights of an official file, and its arch section."""
-    obj = load_file(path)
+def build_official_gpt(obj: Any, source: str, use_ema: bool = True, n_head: int | None = None,
+                       image_tokens: int | None = None) -> tuple[GPT, dict[str, Any]]:
+    """A GPT in eval mode with the weights of a loaded official file, and its arch section."""
     state = official_gpt_state(obj, use_ema)
     if state is None:
-        raise CheckpointError(f"{path}: not an official LlamaGen / NPP GPT checkpoint (expected a 'model' state "
+        raise CheckpointError(f"{source}: not an official LlamaGen / NPP GPT checkpoint (expected a 'model' state "
                               f"dict with {', '.join(GPT_SIGNATURE)})")
-    arch = gpt_arch_from_state(state, path, obj.get("args"), n_head, image_tokens)
-    model = GPT.from_config(arch, path)
-    strict_load(model, state, path)
+    arch = gpt_arch_from_state(state, source, obj.get("args"), n_head, image_tokens)
+    model = GPT.from_config(arch, source)
+    strict_load(model, state, source)
     return model.eval(), arch
+
+
+def load_official_gpt(path: str, use_ema: bool = True, n_head: int | None = None,
+                      image_tokens: int | None = None) -> tuple[GPT, dict[str, Any]]:
+    """`build_official_gpt` of the file at `path`."""
+    return build_official_gpt(load_file(path), path, use_ema, n_head, image_tokens)

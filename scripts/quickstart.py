@@ -55,6 +55,11 @@ def score_samples(images: torch.Tensor, reference: torch.Tensor, inception) -> d
             "fid_note": f"FID-{len(images)} against as many shapes validation images (not FID-50K)"}
 
 
+def shapes_val(fast: bool):
+    """The validation shapes every method is scored on."""
+    return build_dataset("shapes", "val", resolution=32, num_samples=40 if fast else 1000)
+
+
 def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEnv, inception, fast: bool):
     """Train a tiny tokenizer on shapes; score and draw its reconstructions of the validation shapes."""
     runs = os.path.join(out, "runs")
@@ -64,7 +69,7 @@ def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEn
     checkpoint = os.path.join(runs, name, "last.pt")
     tokenizer, _ = load_tokenizer(checkpoint)
     tokenizer = tokenizer.to(env.device)
-    val = build_dataset("shapes", "val", resolution=32, num_samples=40 if fast else 1000)
+    val = shapes_val(fast)
     loader = build_loader(val, 100, shuffle=False, drop_last=False)
     scores = reconstruction_metrics(tokenizer, loader, env, inception, desc="reconstruction scores")
     originals = torch.stack([val[i]["image"] for i in range(16)])
@@ -128,7 +133,7 @@ def run_npp(out: str, env: dist.DistEnv, inception, fast: bool, lfq_out: str | N
     else:
         stage1 = os.path.join(lfq_out, "runs", "lfq", "last.pt")
         tokenizer = load_tokenizer(stage1)[0].to(env.device)
-        val = build_dataset("shapes", "val", resolution=32, num_samples=40 if fast else 1000)
+        val = shapes_val(fast)
     overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else ["dataset.num_samples=3200"]
     sample_scores = train_prior_and_sample("configs/shapes/stage2/npp-gpt.yaml", "npp-gpt", stage1, tokenizer, val,
                                            out, env, inception, fast, overrides, top_k=100)
