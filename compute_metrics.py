@@ -15,50 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass
 
 import torch_fidelity
 from torch.utils.data import Dataset
 
 from common import dist
-from common.errors import ConfigError, DataError, cli_entry
+from common.errors import ConfigError, cli_entry
 from common.metrics import (FIDStatistics, InceptionAccumulator, extract_features, find_inception_weights,
-                            frechet_distance, load_inception, load_statistics, open_images, precision_recall)
-from common.metrics.fidelity import check_feature_dims, check_image_count, npz_keys, write_atomic
-from common.metrics.images import NpzImages
+                            frechet_distance, load_inception, open_images, precision_recall)
+from common.metrics.fidelity import check_feature_dims, check_image_count, write_atomic
 from common.metrics.inception import INCEPTION_NAME, POOL, POOL_DIM
+from common.metrics.reference import DEFAULT_STATS_DIR, REFERENCE_STATS, Reference, resolve_reference
 
 METRICS = ("fid", "isc", "prc")
-DEFAULT_STATS_DIR = os.path.join("assets", "fid_stats")
-REFERENCE_STATS = {  # ref_dataset name -> statistics file under --stats-dir
-    "imagenet": "imagenet_256_train.npz",  # the official RQ-VAE fid_stats.tar.gz
-    "ffhq": "ffhq_256_train.npz",
-    "lsun_bedroom": "lsun_256_bedroom.npz",
-    "lsun_cat": "lsun_256_cat.npz",
-    "lsun_church": "lsun_256_church.npz",
-    "cc3m": "cc3m_256_val.npz",
-    "coco_2014val": "coco_256_val.npz",
-    "adm_in256": "adm_in256_stats.npz",  # MAR's fid_stats/adm_in256_stats.npz
-}
-STATS_SOURCES = ("the RQ-VAE files come in fid_stats.tar.gz (kakaobrain/rq-vae-transformer README); "
-                 "adm_in256_stats.npz is in LTH14/mar under fid_stats/")
 FID_50K = 50_000
 BACKEND = f"torch-fidelity {torch_fidelity.__version__} {INCEPTION_NAME}"
-
-
-@dataclass
-class Reference:
-    """What --ref names: precomputed statistics, images, or both (an ADM reference batch)."""
-
-    path: str
-    stats: FIDStatistics | None = None
-    images: Dataset | None = None
-
-    @property
-    def description(self) -> str:
-        if self.stats is None:
-            return f"{self.path} (images)"
-        return f"{self.path} (mu/sigma" + (f", {self.stats.num_images} images)" if self.stats.num_images else ")")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,26 +66,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
     return args
-
-
-def resolve_reference(ref: str, stats_dir: str) -> Reference:
-    """Open --ref: a path, or a ref_dataset name resolved to a statistics file under `stats_dir`."""
-    path = ref
-    if not os.path.exists(path):
-        if ref not in REFERENCE_STATS:
-            raise DataError(f"--ref {ref}: no such file or folder, and not a reference name "
-                            f"({', '.join(REFERENCE_STATS)})")
-        path = os.path.join(stats_dir, REFERENCE_STATS[ref])
-        if not os.path.isfile(path):
-            raise DataError(f"reference statistics for {ref} not found at {path}: put {REFERENCE_STATS[ref]} "
-                            f"in {stats_dir} or pass --stats-dir DIR; {STATS_SOURCES}")
-    if os.path.isdir(path):
-        return Reference(path, images=open_images(path))
-    keys = npz_keys(path)
-    if "arr_0" in keys and not {"mu", "sigma"} <= set(keys):
-        return Reference(path, images=NpzImages(path))
-    images = NpzImages(path) if "arr_0" in keys else None  # an ADM reference batch: stats for FID, images for PRC
-    return Reference(path, stats=load_statistics(path), images=images)
 
 
 def needs_reference_images(metrics: list[str], reference: Reference | None) -> bool:

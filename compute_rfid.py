@@ -1,4 +1,5 @@
-"""Reconstruction metrics of a tokenizer over a dataset split: rFID, PSNR, SSIM, LPIPS, codebook usage.
+"""Reconstruction metrics of any tokenizer over a dataset split: rFID, PSNR, SSIM, LPIPS, codebook usage
+(where there is a codebook; a KL VAE is scored on its decoded posterior means).
 
     python compute_rfid.py --vqvae ffhq/stage1/model.pt --split val --data-root data/ffhq \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth --vgg-weights vgg16-397923af.pth
@@ -25,7 +26,8 @@ from methods import load_tokenizer
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vqvae", required=True, help="tokenizer checkpoint (ours or official)")
+    parser.add_argument("--vqvae", "--tokenizer", dest="vqvae", required=True,
+                        help="tokenizer checkpoint (ours or official; any kind)")
     parser.add_argument("--config", default=None, help="config of an official checkpoint that does not sit beside it")
     parser.add_argument("--split", default="val", help="val (default) or train")
     parser.add_argument("--batch-size", type=int, default=100, help="per process")

@@ -12,9 +12,9 @@ from __future__ import annotations
 from common.checkpoint import load_file, strict_load
 from common.config import read_yaml
 from common.data import build_dataset_from_config
-from common.errors import cli_entry
+from common.errors import ConfigError, cli_entry
 from common.launch import resolve_config, run_training, training_parser
-from methods import stage1_config_data, stage1_method, stage1_starting_weights
+from methods import stage1_config_data, stage1_starting_weights, stage1_type
 
 
 def load_weights(task, path: str, use_ema: bool = True) -> None:
@@ -36,13 +36,16 @@ def main(argv=None) -> None:
                         help="with -l: start from the raw last-step weights, not the checkpoint's EMA weights")
     args, extra = parser.parse_known_args(argv)
     raw = stage1_config_data(read_yaml(args.model_config), args.model_config)
-    method = stage1_method(raw, args.model_config)
-    config = resolve_config(args, extra, raw, method.schema)
+    tokenizer_type = stage1_type(raw, args.model_config)
+    config = resolve_config(args, extra, raw, tokenizer_type.schema)
+    if config.get_path("optimizer.grad_accm_steps", 1) != 1:
+        raise ConfigError(f"{args.model_config}: optimizer.grad_accm_steps: tokenizers take one optimizer step per "
+                          "batch; set it to 1 and raise experiment.batch_size or the number of processes instead")
     run_training(
-        args, config, method.name,
+        args, config, tokenizer_type.arch_type,
         build_datasets=lambda: (build_dataset_from_config(config["dataset"], "train"),
                                 build_dataset_from_config(config["dataset"], "val")),
-        build_task=lambda env, steps: method.task(config, env, steps, args.vgg_weights),
+        build_task=lambda env, steps: tokenizer_type.task(config, env, steps, args.vgg_weights),
         load_weights=lambda task, path: load_weights(task, path, use_ema=not args.load_raw))
 
 

@@ -1,4 +1,4 @@
-"""Train (or evaluate) a stage-2 prior on the codes of a frozen stage-1 tokenizer.
+"""Train (or evaluate) a stage-2 prior on the tokens of a frozen stage-1 tokenizer.
 
     python main_stage2.py -m configs/shapes/stage2/rqtransformer.yaml -r results -v results/rqvae/last.pt
     torchrun --nproc_per_node=8 main_stage2.py -m configs/ffhq/stage2/ffhq256-rqtransformer-8x8x4-350M.yaml \\
@@ -8,48 +8,52 @@
     torchrun --nproc_per_node=8 main_stage2.py -m configs/imagenet/stage2/npp-gpt-B-256.yaml -r results \\
         -v vq_ds16_c2i.pt codes.train=codes/imagenet256-train                            # next-patch prediction
 
-The prior is the config's `arch.type` (rq-transformer, llamagen-gpt). The stage-1 checkpoint comes
-from -v/--vqvae or the config's `vqvae.ckpt`. Images are encoded on the fly unless `codes.train`
-names shards written by scripts/extract_codes.py.
+The prior is the config's `arch.type` (rq-transformer, llamagen-gpt). The tokenizer checkpoint comes
+from -v/--tokenizer or the config's `tokenizer.ckpt` (official RQ configs: `vqvae.ckpt`). Images are
+encoded on the fly unless `codes.train` names shards written by scripts/extract_codes.py.
 """
 from __future__ import annotations
 
 from common.checkpoint import strict_load
-from common.codes import CodesDataset
 from common.config import read_yaml
 from common.data import build_dataset_from_config
 from common.errors import ConfigError, cli_entry
 from common.launch import resolve_config, run_training, training_parser
-from methods import load_tokenizer, stage2_method
+from common.token_cache import CachedTokens
+from methods import load_tokenizer, stage2_starting_weights, stage2_type
 
 
-def build_datasets(config):
+def build_datasets(config, tokenizer):
+    """Cached tokens (checked against the tokenizer once, here) or images."""
     codes = config["codes"]
-    if codes["train"]:
-        if (config.get("loss") or {}).get("type") == "soft_target_cross_entropy":
-            raise ConfigError("codes.train: soft targets need the images; use loss.type=cross_entropy with "
-                              "extracted codes, or train on images")
-        return CodesDataset(codes["train"], config["seed"]), (CodesDataset(codes["val"]) if codes["val"] else None)
-    return (build_dataset_from_config(config["dataset"], "train"), build_dataset_from_config(config["dataset"], "val"))
+    if not codes["train"]:
+        return (build_dataset_from_config(config["dataset"], "train"),
+                build_dataset_from_config(config["dataset"], "val"))
+    datasets = [CachedTokens(codes["train"], config["seed"]), CachedTokens(codes["val"]) if codes["val"] else None]
+    for dataset in filter(None, datasets):
+        dataset.check_tokenizer(tokenizer)
+    return tuple(datasets)
 
 
 @cli_entry
 def main(argv=None) -> None:
     parser = training_parser(__doc__)
-    parser.add_argument("-v", "--vqvae", default=None, help="stage-1 checkpoint (default: the config's vqvae.ckpt)")
+    parser.add_argument("-v", "--tokenizer", "--vqvae", dest="tokenizer", default=None,
+                        help="stage-1 tokenizer checkpoint (default: the config's tokenizer.ckpt or vqvae.ckpt)")
     args, extra = parser.parse_known_args(argv)
     raw = read_yaml(args.model_config)
-    method = stage2_method(raw, args.model_config)
-    config = resolve_config(args, extra, raw, method.schema)
-    vqvae_path = args.vqvae or config["vqvae"]["ckpt"]
-    if not vqvae_path:
-        raise ConfigError(f"{args.model_config}: no stage-1 checkpoint; pass -v STAGE1 or set vqvae.ckpt")
-    tokenizer, _ = load_tokenizer(vqvae_path)
-    config["arch"] = method.resolve_arch(config, tokenizer, args.model_config)
-    config["vqvae"]["ckpt"] = vqvae_path
-    run_training(args, config, method.name, build_datasets=lambda: build_datasets(config),
-                 build_task=lambda env, steps: method.task(config, env, steps, tokenizer),
-                 load_weights=lambda task, path: strict_load(task.model, method.starting_state(path, task.model), path))
+    prior_type = stage2_type(raw, args.model_config)
+    config = resolve_config(args, extra, raw, prior_type.schema)
+    tokenizer_path = args.tokenizer or config["tokenizer"]["ckpt"] or config["vqvae"]["ckpt"]
+    if not tokenizer_path:
+        raise ConfigError(f"{args.model_config}: no stage-1 checkpoint; pass -v STAGE1 or set tokenizer.ckpt")
+    tokenizer, _ = load_tokenizer(tokenizer_path)
+    config = prior_type.prepare(config, tokenizer, args.model_config)
+    config["tokenizer"]["ckpt"] = config["vqvae"]["ckpt"] = tokenizer_path
+    run_training(args, config, prior_type.arch_type, build_datasets=lambda: build_datasets(config, tokenizer),
+                 build_task=lambda env, steps: prior_type.task(config, env, steps, tokenizer),
+                 load_weights=lambda task, path: strict_load(task.model, stage2_starting_weights(path, task.model),
+                                                             path))
 
 
 if __name__ == "__main__":

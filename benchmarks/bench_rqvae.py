@@ -7,7 +7,7 @@
 (reconstruction, commitment, adversarial loss with the adaptive weight) and the discriminator
 step; the GAN is switched on from the first step (gan.loss.disc_start=0). LPIPS is left out
 (perceptual_weight=0) unless --vgg-weights is given, since its VGG16 weights are not downloaded.
-"encode" is encode_codes (images -> codes) and "decode" is decode_codes (codes -> images), both in
+"encode" is encode_tokens (images -> codes) and "decode" is decode_tokens (codes -> images), both in
 eval mode; --amp runs these two under bf16 autocast on CUDA. The FFHQ config keeps its gradient
 checkpointing (the official setting). 256 px is slow on CPU, hence the small CPU step counts.
 """
@@ -82,12 +82,12 @@ def benchmark(name: str, args: argparse.Namespace, env: dist.DistEnv) -> list[st
     position = Position()
     train_s = seconds_per_call(lambda: task.train_step(batch, position), steps, warmup, env.device)
 
-    model.eval()  # eval: encode_codes would otherwise update the codebooks
+    model.eval()  # eval: encode_tokens would otherwise update the codebooks
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and cuda else nullcontext()
     with autocast:
-        codes = model.encode_codes(batch["image"])  # (B, h, w, D)
-        encode_s = seconds_per_call(lambda: model.encode_codes(batch["image"]), steps, warmup, env.device)
-        decode_s = seconds_per_call(lambda: model.decode_codes(codes), steps, warmup, env.device)
+        codes = model.encode_tokens(batch["image"])  # (B, h, w, D)
+        encode_s = seconds_per_call(lambda: model.encode_tokens(batch["image"]), steps, warmup, env.device)
+        decode_s = seconds_per_call(lambda: model.decode_tokens(codes), steps, warmup, env.device)
     peak = f"{torch.cuda.max_memory_allocated(env.device) / 2**30:.2f}" if cuda else "-"
     code_shape = "x".join(str(n) for n in model.code_shape)
     return [name, f"{size}px -> {code_shape}", f"{batch_size}", str(env.device), f"{steps}/{warmup}", f"{1000 * train_s:.1f}",

@@ -1,9 +1,9 @@
-"""Causal multi-head self-attention through `F.scaled_dot_product_attention`, with a KV cache.
+"""Multi-head self-attention through `F.scaled_dot_product_attention`: causal with a KV cache, or bidirectional.
 
 Only the core: a model keeps its own projections (named as its official checkpoints name them)
-and calls `causal_attention` on heads it has split. The cache holds the keys and values of every
-position seen so far in one buffer allocated at the first call, so decoding one token at a time
-writes into it instead of growing tensors by concatenation.
+and calls `causal_attention` or `bidirectional_attention` on heads it has split. The cache holds
+the keys and values of every position seen so far in one buffer allocated at the first call, so
+decoding one token at a time writes into it instead of growing tensors by concatenation.
 """
 from __future__ import annotations
 
@@ -66,3 +66,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+                            ) -> torch.Tensor:
+    """Attention of every position to every position (q, k, v: (B, n_head, T, head_dim)), no mask; scale
+    1/sqrt(hd). `dropout_p` drops attention probabilities (pass 0 outside training)."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

@@ -61,8 +61,9 @@ def run_training(args: argparse.Namespace, config: Config, name: str,
     run_dir = resolve_run_dir(args.result_path, args.model_config, args.postfix)
     log = RunLog(run_dir, env.is_main)
     train_set, val_set = build_datasets()
-    task = build_task(env, max(1, steps_per_epoch(len(train_set), config["experiment"]["batch_size"], env.world_size)))
-    trainer = Trainer(task, config, env, log, train_set, val_set, seed=config["seed"])
+    batches = steps_per_epoch(len(train_set), config["experiment"]["batch_size"], env.world_size)
+    task = build_task(env, batches)
+    trainer = Trainer(task, config, env, log, train_set, val_set, batches, seed=config["seed"])
 
     position = Position()
     if args.resume:

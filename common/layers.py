@@ -7,6 +7,9 @@ SwiGLU feed-forward. Parameter names follow the official state dicts.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,25 +105,28 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution of a VQGAN encoder or decoder: residual blocks, each followed by attention when
-    `with_attn`, then an optional `downsample` or `upsample`.
+    """One resolution of a convolutional encoder or decoder: residual blocks, each followed by attention
+    when `with_attn`, then an optional 2x `downsample` (resample "down") or `upsample` (resample "up").
 
-    The residual blocks are registered as `blocks_key` (the RQ-VAE's state dict says `block`,
-    LlamaGen's `res`), so that official checkpoints load as they are.
+    The VQGAN blocks by default; a family with its own residual block or resampling (MAGVIT-2) passes
+    their factories. The residual blocks are registered as `blocks_key` (the RQ-VAE's and MAGVIT-2's
+    state dicts say `block`, LlamaGen's `res`), so that official checkpoints load as they are.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, with_attn: bool, dropout: float = 0.0,
-                 checkpointing: bool = False, resample: str | None = None, blocks_key: str = "block"):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, with_attn: bool = False,
+                 dropout: float = 0.0, checkpointing: bool = False, resample: str | None = None,
+                 blocks_key: str = "block", block: Callable[[int, int], nn.Module] | None = None,
+                 downsample: Callable[[int], nn.Module] = Downsample, upsample: Callable[[int], nn.Module] = Upsample):
         super().__init__()
+        block = block or functools.partial(ResnetBlock, dropout=dropout, checkpointing=checkpointing)
         self.blocks_key = blocks_key
-        self.add_module(blocks_key, nn.ModuleList(
-            ResnetBlock(in_channels if j == 0 else out_channels, out_channels, dropout, checkpointing)
-            for j in range(num_blocks)))
+        self.add_module(blocks_key, nn.ModuleList(block(in_channels if j == 0 else out_channels, out_channels)
+                                                  for j in range(num_blocks)))
         self.attn = nn.ModuleList(AttnBlock(out_channels, checkpointing) for _ in range(num_blocks if with_attn else 0))
         if resample == "down":
-            self.downsample = Downsample(out_channels)
+            self.downsample = downsample(out_channels)
         elif resample == "up":
-            self.upsample = Upsample(out_channels)
+            self.upsample = upsample(out_channels)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for j, block in enumerate(getattr(self, self.blocks_key)):

@@ -20,7 +20,8 @@ OPTIMIZER_SCHEMA = {
     "betas": Field(list, [0.9, 0.999], items=float),
     "eps": Field(float, 1e-8),
     "max_gn": Field(float, None, doc="gradient-norm clip; null = none"),
-    "grad_accm_steps": Field(int, 1),
+    "grad_accm_steps": Field(int, 1, doc="priors: micro-batches per optimizer step (as experiment.total_batch_size); "
+                                         "tokenizers: must be 1"),
     "lr_drop_epoch": Field(list, None, items=int, doc="step decay: the lr is multiplied by lr_drop_rate after "
                                                        "each of these epochs (1-based; Open-MAGVIT2)"),
     "lr_drop_rate": Field(float, 0.1),

@@ -1,10 +1,13 @@
-"""What training any discrete prior on a frozen tokenizer's codes involves, whatever the prior.
+"""What training any prior on a frozen tokenizer's tokens involves, whatever the prior.
 
 `PriorTask` is a TrainTask (common/trainer.py) for a model with `loss(...) -> (loss, logs)` and
-`generate(labels, ...)`: DDP around the loss, gradient accumulation up to the global batch, bf16
+`generate(labels, **knobs)`: DDP around the loss, gradient accumulation up to the global batch, bf16
 autocast on CUDA, gradient-norm clipping, the optimizer and scheduler steps, EMA of the weights
 (used for evaluation and previews), the validation loss and a grid of samples. A method subclass
 says how a batch becomes the loss's inputs and builds its optimizer and scheduler.
+
+Tokens come from a batch of cached tokens (`codes`, or `moments` of a continuous tokenizer, of which
+each step draws a fresh posterior sample) or of images encoded on the fly.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from common.config import Config
 from common.dist import DistEnv, is_distributed
 from common.ema import ModelEMA
-from common.trainer import Position
+from common.errors import ConfigError
+from common.knobs import resolve_knobs
+from common.trainer import Averages, Position
 
 
 class LossModule(nn.Module):
@@ -32,41 +37,51 @@ class LossModule(nn.Module):
         return self.prior.loss(*args, **kwargs)
 
 
-def accumulation_steps(experiment: Config, world_size: int) -> int:
-    """Micro-batches per optimizer step to reach `total_batch_size` (1 without one)."""
-    total = experiment["total_batch_size"] or experiment["batch_size"] * world_size
-    return max(1, total // (experiment["batch_size"] * world_size))
+def accumulation_steps(config: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step: enough to reach `experiment.total_batch_size`, or the official
+    RQ-VAE `optimizer.grad_accm_steps` (the two must agree when both are given); 1 without either."""
+    experiment, per_step = config["experiment"], config["experiment"]["batch_size"] * world_size
+    given = config["optimizer"]["grad_accm_steps"]
+    total = experiment["total_batch_size"]
+    if total and given > 1 and total != per_step * given:
+        raise ConfigError(f"experiment.total_batch_size {total} and optimizer.grad_accm_steps {given} disagree: "
+                          f"{experiment['batch_size']} x {world_size} process(es) x {given} = {per_step * given}; "
+                          "set one of them")
+    return max(1, (total or per_step * given) // per_step)
 
 
 class PriorTask:
-    """Subclasses set `optimizer` and `scheduler` and implement `loss_inputs` and `sample_codes`."""
+    """Subclasses set `optimizer` and `scheduler` and implement `loss_inputs`."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
-    def __init__(self, config: Config, env: DistEnv, tokenizer: nn.Module, model: nn.Module, ema: ModelEMA | None,
-                 max_grad_norm: float | None):
+    def __init__(self, config: Config, env: DistEnv, tokenizer: nn.Module, model: nn.Module,
+                 ema_decay: float | None, max_grad_norm: float | None, preview_knobs: dict[str, Any],
+                 ema_warmup: str = "none"):
         self.env = env
         self.config = config
         self.tokenizer = tokenizer.to(env.device).eval().requires_grad_(False)
         self.model = model
-        self.ema = ema
         self.train_loss = LossModule(self.model)
         if is_distributed():
             self.train_loss = DistributedDataParallel(self.train_loss)
+        # after DDP has broadcast rank 0's weights: every rank averages the same model
+        self.ema = ModelEMA(model, ema_decay, ema_warmup) if ema_decay else None
         experiment = config["experiment"]
-        self.accumulation = accumulation_steps(experiment, env.world_size)
+        self.accumulation = accumulation_steps(config, env.world_size)
         self.max_grad_norm = max_grad_norm
         self.autocast_dtype = torch.bfloat16 if experiment["amp"] and env.device.type == "cuda" else None
         self.micro_step = 0
+        self.preview_knobs = resolve_knobs(model.SAMPLING_KNOBS, {}, preview_knobs, getattr(model, "code_depth", 1))
 
     def loss_inputs(self, batch: dict, position: Position | None) -> tuple[tuple, dict]:
         """(args, kwargs) of the model's loss for a batch; position is None in evaluation."""
         raise NotImplementedError
 
-    def sample_codes(self, labels: torch.Tensor) -> torch.Tensor:
-        """Codes of one sample per label, with the training-time sampling settings."""
-        raise NotImplementedError
+    def extra_logs(self, position: Position) -> dict[str, float]:
+        """Scalars of the method's own to log with each training step."""
+        return {}
 
     def state_objects(self) -> dict[str, Any]:
         objects = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
@@ -84,10 +99,13 @@ class PriorTask:
 
     @torch.no_grad()
     def encode(self, batch: dict) -> torch.Tensor:
-        """The batch's codes: extracted ones as they are, or its images encoded by the tokenizer."""
+        """The batch's tokens: cached codes as they are, a posterior sample of cached moments, or its images
+        encoded by the tokenizer."""
         if "codes" in batch:
             return batch["codes"].to(self.env.device)
-        return self.tokenizer.encode_codes(batch["image"].to(self.env.device))
+        if "moments" in batch:
+            return self.tokenizer.tokens_from_moments(batch["moments"].to(self.env.device))
+        return self.tokenizer.encode_tokens(batch["image"].to(self.env.device))
 
     def train_step(self, batch: dict, position: Position) -> dict[str, float]:
         args, kwargs = self.loss_inputs(batch, position)
@@ -99,9 +117,10 @@ class PriorTask:
                 loss, logs = self.train_loss(*args, **kwargs)
             (loss / self.accumulation).backward()
         logs["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        logs.update(self.extra_logs(position))
         if update:
             if self.max_grad_norm:
-                logs["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
+                logs["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -114,19 +133,16 @@ class PriorTask:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        count = 0
+        averages = Averages()
         self.model.eval()
         with self.eval_model():
             for batch in batches:
                 args, kwargs = self.loss_inputs(batch, None)
                 with self.autocast():
                     _, logs = self.model.loss(*args, **kwargs)
-                for key, value in logs.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                count += 1
+                averages.add(logs)
         self.model.train()
-        return {f"val_{key}": value / max(count, 1) for key, value in totals.items()}
+        return averages.means(prefix="val_")
 
     @torch.no_grad()
     def preview(self, batch: dict) -> torch.Tensor:
@@ -135,6 +151,6 @@ class PriorTask:
         labels = torch.arange(min(10, classes) if classes > 1 else 8, device=self.env.device) % classes
         self.model.eval()
         with self.eval_model(), self.autocast():
-            codes = self.sample_codes(labels)
+            tokens = self.model.generate(labels, **self.preview_knobs)
         self.model.train()
-        return self.tokenizer.decode_codes(codes).clamp(-1, 1).float().cpu()
+        return self.tokenizer.decode_tokens(tokens).clamp(-1, 1).float().cpu()

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError
 
-Knob = int | float | Sequence[int | float] | None  # one value, or one per depth / group of steps
+KnobValue = int | float | Sequence[int | float] | None  # one value, or one per depth / group of steps
 
 
-def check_sampling_knobs(temperature: float, top_k: Knob = None, top_p: Knob = None) -> None:
+def check_sampling_knobs(temperature: float, top_k: KnobValue = None, top_p: KnobValue = None) -> None:
     """Refuse temperature <= 0, top_k < 1 and top_p outside (0, 1] with a one-line ConfigError."""
     if not temperature > 0:
         raise ConfigError(f"--temperature must be > 0, got {temperature}")
@@ -31,7 +31,7 @@ def check_sampling_knobs(temperature: float, top_k: Knob = None, top_p: Knob = N
             raise ConfigError(f"--top-p must be in (0, 1], got {p}")
 
 
-def per_depth(value: Knob, depth: int, flag: str) -> list:
+def per_depth(value: KnobValue, depth: int, flag: str) -> list:
     """One knob value per depth: a single value (or one-entry list) for all, or a list of `depth` values."""
     values = _as_list(value)
     if len(values) == 1:
@@ -41,7 +41,7 @@ def per_depth(value: Knob, depth: int, flag: str) -> list:
     return list(values)
 
 
-def _as_list(value: Knob) -> list:
+def _as_list(value: KnobValue) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 

@@ -20,6 +20,7 @@ from common.checkpoint import capture_rng_state, restore_rng_state, save_checkpo
 from common.config import Config, Field
 from common.data import build_loader
 from common.dist import DistEnv, all_reduce_mean, barrier, is_distributed
+from common.errors import DataError
 from common.runlog import RunLog
 
 EXPERIMENT_SCHEMA = {
@@ -49,6 +50,22 @@ class Position:
     batch_in_epoch: int = 0
 
 
+class Averages:
+    """Means of named scalars over evaluation batches: `add` each batch's values, then read `means`."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+        self.count += 1
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{key}": value / max(self.count, 1) for key, value in self.totals.items()}
+
+
 class TrainTask(Protocol):
     def state_objects(self) -> dict[str, Any]:
         """Objects with state_dict()/load_state_dict() saved in checkpoints; must include "model"."""
@@ -64,8 +81,13 @@ class TrainTask(Protocol):
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Optimizer steps in one epoch: each rank takes floor(N / world) samples and drops the last partial batch."""
-    return (num_samples // world_size) // batch_size
+    """Batches per process in one epoch: each rank takes floor(N / world) samples and drops the last partial
+    batch. A set smaller than one global batch is a DataError."""
+    steps = (num_samples // world_size) // batch_size
+    if steps == 0:
+        raise DataError(f"the training set has {num_samples} images, fewer than one global batch of "
+                        f"{batch_size * world_size}; lower experiment.batch_size")
+    return steps
 
 
 def gather_rng_states() -> list[dict]:
@@ -98,17 +120,12 @@ class Trainer:
     """Runs a TrainTask over a dataset for `experiment.epochs`, writing into `log.run_dir`."""
 
     def __init__(self, task: TrainTask, config: Config, env: DistEnv, log: RunLog, train_set: Dataset,
-                 val_set: Dataset | None, seed: int = 0):
+                 val_set: Dataset | None, batches_per_epoch: int, seed: int = 0):
         self.task, self.config, self.env, self.log = task, config, env, log
         self.experiment = config["experiment"]
         self.train_set, self.val_set = train_set, val_set
         self.seed = seed
-        self.steps_per_epoch = steps_per_epoch(len(train_set), self.experiment["batch_size"], env.world_size)
-        if self.steps_per_epoch == 0:
-            from common.errors import DataError
-
-            raise DataError(f"the training set has {len(train_set)} images, fewer than one global batch of "
-                            f"{self.experiment['batch_size'] * env.world_size}; lower experiment.batch_size")
+        self.steps_per_epoch = batches_per_epoch
         self.skipped_images = 0
 
     # ------------------------------------------------------------------------------------------

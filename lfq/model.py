@@ -16,34 +16,23 @@ from torch import nn
 
 from common.config import validate
 from common.errors import ConfigError, DataError
-from common.layers import Normalize
-from common.tokenizer import Tokenizer
+from common.layers import Level, Normalize
+from common.tokenizer import DiscreteTokenizer
 from lfq.layers import AdaptiveGroupNorm, ResBlock, Upsampler
 from lfq.quantizer import LFQLosses, LookupFreeQuantizer, codes_to_latent
 from lfq.schema import LFQ_ARCH
 
 
-class Level(nn.Module):
-    """One resolution: residual blocks (the first changes the width), then an optional
-    stride-2 `downsample` conv (encoder) or depth-to-space `upsample` (decoder)."""
+def strided_conv(channels: int) -> nn.Conv2d:
+    """The encoder's 2x downsampling: a 3x3 stride-2 conv with symmetric padding (no module around it)."""
+    return nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, resample: str | None = None):
-        super().__init__()
-        self.block = nn.ModuleList(ResBlock(in_channels if r == 0 else out_channels, out_channels)
-                                   for r in range(num_blocks))
-        if resample == "down":
-            self.downsample = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=2, padding=1)
-        elif resample == "up":
-            self.upsample = Upsampler(out_channels)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            h = block(h)
-        if hasattr(self, "downsample"):
-            h = self.downsample(h)
-        if hasattr(self, "upsample"):
-            h = self.upsample(h)
-        return h
+def magvit2_level(in_channels: int, out_channels: int, num_blocks: int, resample: str | None = None) -> Level:
+    """One MAGVIT-2 resolution: bias-free residual blocks (the first changes the width), then an optional
+    stride-2 conv (encoder) or depth-to-space upsampler (decoder)."""
+    return Level(in_channels, out_channels, num_blocks, resample=resample, block=ResBlock, downsample=strided_conv,
+                 upsample=Upsampler)
 
 
 class Encoder(nn.Module):
@@ -53,8 +42,8 @@ class Encoder(nn.Module):
         super().__init__()
         widths = [ch] + [ch * m for m in ch_mult]
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1, bias=False)
-        self.down = nn.ModuleList(Level(widths[i], widths[i + 1], num_res_blocks,
-                                        resample="down" if i < len(ch_mult) - 1 else None)
+        self.down = nn.ModuleList(magvit2_level(widths[i], widths[i + 1], num_res_blocks,
+                                                resample="down" if i < len(ch_mult) - 1 else None)
                                   for i in range(len(ch_mult)))
         self.mid_block = nn.ModuleList(ResBlock(widths[-1], widths[-1]) for _ in range(num_res_blocks))
         self.norm_out = Normalize(widths[-1])
@@ -83,7 +72,7 @@ class Decoder(nn.Module):
         entering = [widths[min(i + 1, L - 1)] for i in range(L)]  # width entering level i
         self.conv_in = nn.Conv2d(z_channels, widths[-1], kernel_size=3, padding=1)
         self.mid_block = nn.ModuleList(ResBlock(widths[-1], widths[-1]) for _ in range(num_res_blocks))
-        self.up = nn.ModuleList(Level(entering[i], widths[i], num_res_blocks, resample="up" if i > 0 else None)
+        self.up = nn.ModuleList(magvit2_level(entering[i], widths[i], num_res_blocks, resample="up" if i > 0 else None)
                                 for i in range(L))  # indexed by level, as the official state dict
         self.adaptive = nn.ModuleList(AdaptiveGroupNorm(z_channels, entering[i]) for i in range(L))
         self.norm_out = Normalize(widths[0])
@@ -98,7 +87,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, f*h, f*w)
 
 
-class LFQTokenizer(Tokenizer):
+class LFQTokenizer(DiscreteTokenizer):
     """Images <-> codes (B, h, w) in [0, 2^K) (the interface of common/tokenizer.py)."""
 
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, num_bits: int, image_size: int,
@@ -148,7 +137,7 @@ class LFQTokenizer(Tokenizer):
         return self.decoder(quant)
 
     @torch.no_grad()
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> codes (B, h, w), int64; bit d of a code is the sign of latent channel d."""
         return self.quantize(self.encode(x))[2]
 

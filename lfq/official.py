@@ -167,13 +167,62 @@ def official_discriminator_state(state: Mapping[str, torch.Tensor], source: str,
 
 def load_official_lfq(ckpt_path: str, config_path: str, use_ema: bool = True,
                       image_size: int | None = None) -> LFQTokenizer:
-    """An LFQTokenizer in eval mode with the weights of an official `.ckpt`, built from its YAML.
+    """An LFQTokenizer in eval mode with the weights of an official `.ckpt`, built from its official YAML.
 
     `loss.*` and `model_ema.decay` / `num_updates` are ignored; missing, unexpected or mis-shaped
     encoder/decoder weights are a CheckpointError listing them.
     """
     config = read_official_config(config_path)
-    model = LFQTokenizer.from_config(arch_from_official(config, config_path, image_size), source=config_path)
-    state = read_lightning_state(ckpt_path)
-    strict_load(model, official_generator_state(state, model, use_ema, ckpt_path), ckpt_path)
+    arch = arch_from_official(config, config_path, image_size)
+    return tokenizer_from_state(read_lightning_state(ckpt_path), arch, ckpt_path, use_ema, config_path)
+
+
+def tokenizer_from_state(state: Mapping[str, torch.Tensor], arch: Mapping[str, Any], path: str, use_ema: bool,
+                         config_path: str) -> LFQTokenizer:
+    model = LFQTokenizer.from_config(arch, source=config_path)
+    strict_load(model, official_generator_state(state, model, use_ema, path), path)
     return model.eval()
+
+
+def read_lfq_config(path: str) -> Config:
+    """An Open-MAGVIT2 tokenizer config, official or ours, as our validated stage-1 LFQ config."""
+    from lfq.stage1 import STAGE1_SCHEMA
+
+    raw = read_yaml(path)
+    data = official_stage1_config(raw, path) or raw
+    arch = data.get("arch")
+    if not isinstance(arch, Mapping) or arch.get("type") != "lfq":
+        raise ConfigError(f"{path}: not an Open-MAGVIT2 / LFQ tokenizer config (neither an official LightningCLI "
+                          "YAML nor ours with arch.type lfq); pass the YAML released with the checkpoint")
+    return validate(data, STAGE1_SCHEMA, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The hooks of the method record (lfq/method.py)
+# ----------------------------------------------------------------------------------------------
+
+def official_stage1_config(raw: Mapping[str, Any], path: str) -> dict[str, Any] | None:
+    """An official LightningCLI YAML as our stage-1 config data."""
+    if not is_lightning_config(raw):
+        return None
+    return stage1_config_from_official(parse_official_config(raw, path), path)
+
+
+def official_tokenizer(obj: Any, path: str, config_path: str | None, use_ema: bool
+                       ) -> tuple[LFQTokenizer, Config] | None:
+    """An official `.ckpt` with the YAML it was trained with (official or ours); EMA weights by default."""
+    if not is_official_lfq_checkpoint(obj):
+        return None
+    if config_path is None:
+        raise CheckpointError(f"{path}: an Open-MAGVIT2 checkpoint needs the YAML it was trained with; "
+                              "pass it with --config (e.g. imagenet_lfqgan_256_L.yaml)")
+    config = read_lfq_config(config_path)
+    return tokenizer_from_state(obj["state_dict"], config["arch"], path, use_ema, config_path), config
+
+
+def official_tokenizer_weights(obj: Any, path: str, model: LFQTokenizer, use_ema: bool
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    if not is_official_lfq_checkpoint(obj):
+        return None
+    state = obj["state_dict"]
+    return official_generator_state(state, model, use_ema, path), official_discriminator_state(state, path, use_ema)

@@ -1,4 +1,4 @@
-"""Sampling speed of the RQ-Transformer with random weights, measured as in the paper (spec section 6).
+"""Sampling speed of the RQ-Transformer with random weights, measured as in the paper.
 
     python -m measure_throughput f=32 d=4 c=16384 model=huge batch_size=100
     python -m measure_throughput f=32 d=4 c=16384 model=small batch_size=8 device=cpu samples_per_loop=16
@@ -112,7 +112,7 @@ def run_loop(tokenizer: RQVAE, prior: RQTransformer, args, device: torch.device)
         with autocast:
             codes = prior.generate(cond, cached=args.cached)
         watch.mark()
-        (0.5 * tokenizer.decode_codes(codes) + 0.5).clamp(0, 1)
+        (0.5 * tokenizer.decode_tokens(codes) + 0.5).clamp(0, 1)
         watch.mark()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -22,7 +22,8 @@ from common.config import validate
 from common.errors import ConfigError, DataError
 from common.layers import RMSNorm, SwiGLU
 from common.rope import apply_rope, rope_2d_table
-from common.sampling import Knob, cfg_mix, check_sampling_knobs, per_depth, sample_from_logits
+from common.knobs import Knob, token_folder_name, token_knobs
+from common.sampling import cfg_mix, check_sampling_knobs, sample_from_logits
 from npp.schema import GPT_ARCH
 
 
@@ -95,6 +96,10 @@ def average_patches(embeddings: torch.Tensor, grid: int, side: int) -> torch.Ten
 class GPT(nn.Module):
     """Class label -> codes (B, grid, grid) of a tokenizer, one at a time."""
 
+    SAMPLING_KNOBS = {**token_knobs(per_depth=False),
+                      "cfg_interval": Knob(int, -1, ("--cfg-interval",), valid=lambda n: n >= -1, rule=">= -1",
+                                           doc="guide only the first N + 2 tokens (-1: all)")}
+
     def __init__(self, dim: int, n_layer: int, n_head: int, vocab_size: int = 16384, num_classes: int = 1000,
                  image_tokens: int = 256, ffn_hidden: int | None = None, multiple_of: int = 256,
                  rope_base: float = 10000.0, norm_eps: float = 1e-5, token_dropout_p: float = 0.1,
@@ -120,10 +125,10 @@ class GPT(nn.Module):
         """The class-table row of classifier-free guidance (every LlamaGen model has one)."""
         return self.num_classes
 
-    @property
-    def code_depth(self) -> int:
-        """Codes per position: one (sampling knobs take one value)."""
-        return 1
+    @staticmethod
+    def knob_folder_name(knobs: Mapping[str, Any]) -> str:
+        interval = knobs["cfg_interval"]
+        return token_folder_name(knobs) + (f"_cfg_interval_{interval}" if interval >= 0 else "")
 
     @classmethod
     def from_config(cls, arch: Mapping[str, Any], source: str = "config") -> "GPT":
@@ -154,7 +159,6 @@ class GPT(nn.Module):
         """Teacher-forced logits (B, N, V), N = (grid / patch_side)^2, for codes (B, grid, grid) or in raster
         order (B, grid^2): position n, fed the class token and patches 0 .. n-1, predicts patch n."""
         codes = codes.flatten(1)
-        self.check_inputs(codes, labels, patch_side)
         patches = average_patches(self.tok_embeddings(codes), self.grid, patch_side)
         x = self.tok_dropout(torch.cat([self.cls_embedding(labels), patches[:, :-1]], dim=1))
         return self.transformer(x, self.rope(self.grid // patch_side, x.device)[:x.shape[1]])
@@ -165,11 +169,11 @@ class GPT(nn.Module):
         log_probs = F.log_softmax(self(codes, labels, patch_side), dim=-1)  # (B, N, V)
         targets = patch_targets(codes.flatten(1), self.grid, patch_side)  # (B, N, P)
         loss = -log_probs.gather(-1, targets).mean()
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1,
-                 temperature: float = 1.0, top_k: Knob = None, top_p: Knob = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, cached: bool = True) -> torch.Tensor:
         """Sample codes (B, grid, grid) for class labels (B,), token by token in raster order with a KV cache.
 
@@ -180,8 +184,7 @@ class GPT(nn.Module):
         sequence through the model at every step instead (the slow reference).
         """
         check_sampling_knobs(temperature, top_k, top_p)
-        top_k, top_p = per_depth(top_k, 1, "--top-k")[0], per_depth(top_p, 1, "--top-p")[0]
-        self.check_inputs(None, labels, 1)
+        self.check_labels(labels)
         guided = cfg_scale > 1.0
         cond = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
         steps = self.grid ** 2
@@ -204,15 +207,21 @@ class GPT(nn.Module):
                 sequence = torch.cat([sequence, x], dim=1)
         return codes.view(-1, self.grid, self.grid)
 
-    def check_inputs(self, codes: torch.Tensor | None, labels: torch.Tensor, patch_side: int) -> None:
-        """Refuse labels, codes or a patch side the model cannot take, with one clear line."""
+    def check_labels(self, labels: torch.Tensor) -> None:
         if labels.ndim != 1 or labels.is_floating_point() or labels.min() < 0 or labels.max() > self.num_classes:
             raise DataError(f"class labels must be integers in [0, {self.num_classes}) ({self.num_classes}: the "
                             f"null class), shape (B,), got {labels.dtype} {tuple(labels.shape)}")
+
+    def check_patch_side(self, patch_side: int, source: str = "") -> None:
         if patch_side < 1 or self.grid % patch_side:
-            raise ConfigError(f"patch side {patch_side} must divide the {self.grid}x{self.grid} code grid")
-        if codes is not None and (codes.shape != (labels.shape[0], self.grid ** 2) or codes.is_floating_point()
-                                  or codes.min() < 0 or codes.max() >= self.vocab_size):
+            raise ConfigError(f"{source}patches of {patch_side ** 2} codes (side {patch_side}) do not tile the "
+                              f"{self.grid}x{self.grid} code grid")
+
+    def check_codes(self, codes: torch.Tensor) -> None:
+        """Refuse codes of another grid or vocabulary (loaders call this once on cached codes)."""
+        codes = codes.flatten(1)
+        if (codes.shape[1] != self.grid ** 2 or codes.is_floating_point()
+                or codes.min() < 0 or codes.max() >= self.vocab_size):
             raise DataError(f"codes must be integers in [0, {self.vocab_size}) of shape (B, {self.grid ** 2}), got "
                             f"{codes.dtype} {tuple(codes.shape)}")
 

@@ -19,10 +19,11 @@ from typing import Any, Mapping
 import torch
 
 from common.checkpoint import load_file, strict_load
-from common.config import Config, validate
-from common.errors import CheckpointError
+from common.config import Config, read_yaml, validate
+from common.errors import CheckpointError, ConfigError
 from npp.gpt import GPT
 from npp.schema import GPT_PRESETS, VQ_CONFIG
+from npp.vq import VQTokenizer
 
 SIGNATURE = ("quantize.embedding.weight", "encoder.conv_blocks.0.res.0.conv1.weight")
 
@@ -128,3 +129,42 @@ def load_official_gpt(path: str, use_ema: bool = True, n_head: int | None = None
                       image_tokens: int | None = None) -> tuple[GPT, dict[str, Any]]:
     """`build_official_gpt` of the file at `path`."""
     return build_official_gpt(load_file(path), path, use_ema, n_head, image_tokens)
+
+
+def read_vq_config(path: str) -> Config:
+    """A LlamaGen VQ tokenizer config (ours: `arch.type: vq16`), validated."""
+    data = read_yaml(path)
+    if not isinstance(data.get("arch"), Mapping) or data["arch"].get("type") != "vq16":
+        raise ConfigError(f"{path}: not a LlamaGen VQ config (arch.type must be vq16); e.g. "
+                          "configs/imagenet/stage1/llamagen-vq16.yaml")
+    return validate(data, VQ_CONFIG, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The hooks of the method record (npp/method.py)
+# ----------------------------------------------------------------------------------------------
+
+def official_tokenizer(obj: Any, path: str, config_path: str | None, use_ema: bool
+                       ) -> tuple[VQTokenizer, Config] | None:
+    """A released VQ file, rebuilt from its weight shapes (ImageNet at 256 px) or from `config_path`."""
+    state = official_vq_state(obj, use_ema)
+    if state is None:
+        return None
+    config = read_vq_config(config_path) if config_path else vq_config_from_state(state, path)
+    model = VQTokenizer.from_config(config["arch"], path)
+    strict_load(model, state, path)
+    return model.eval(), config
+
+
+def official_prior(obj: Any, path: str, tokenizer: Any, use_ema: bool, config_path: str | None
+                   ) -> tuple[GPT, dict[str, Any], dict[str, Any]] | None:
+    """A released GPT file; LlamaGen samples with the knobs' defaults (temperature 1, no top-k / top-p)."""
+    if official_gpt_state(obj) is None:
+        return None
+    ema = use_ema and isinstance(obj.get("ema"), Mapping)
+    prior, arch = build_official_gpt(obj, path, ema)
+    return prior, {"arch": arch}, {"ema": ema}
+
+
+def official_prior_weights(obj: Any, path: str, model: GPT) -> dict[str, torch.Tensor] | None:
+    return official_gpt_state(obj, use_ema=False)

@@ -12,16 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from common.codes import CODES_SCHEMA
+from common.token_cache import CODES_SCHEMA, TOKENIZER_SCHEMA
 from common.config import ANY, Config, Field
 from common.data import DATASET_SCHEMA
 from common.dist import DistEnv
-from common.ema import ModelEMA
-from common.errors import ConfigError
+from common.errors import CheckpointError, ConfigError
 from common.optim import OPTIMIZER_SCHEMA, build_optimizer
 from common.prior_task import PriorTask
 from common.trainer import EXPERIMENT_SCHEMA, Position
@@ -32,6 +30,7 @@ from npp.schema import GPT_ARCH
 NPP_SCHEMA = {
     "dataset": DATASET_SCHEMA,
     "codes": CODES_SCHEMA,
+    "tokenizer": TOKENIZER_SCHEMA,
     "vqvae": {"ckpt": Field(str, None, doc="the tokenizer checkpoint (ours or official) whose codes are modelled"),
               "*": ANY},
     "arch": GPT_ARCH,
@@ -50,13 +49,14 @@ NPP_SCHEMA = {
 }
 
 
-def resolve_gpt_arch(config: Mapping[str, Any], tokenizer: nn.Module, source: str) -> Config:
-    """Fill the vocabulary and the number of codes per image (at the dataset's resolution) from the
-    tokenizer, and check they fit it."""
-    shape = tuple(tokenizer.code_shape)
-    if len(shape) != 2:
-        raise ConfigError(f"{source}: the GPT models a square grid of codes (B, h, w); the tokenizer makes codes of "
-                          f"shape {list(shape)}; use a tokenizer without code depth (LlamaGen VQ, Open-MAGVIT2)")
+def prepare(config: Config, tokenizer: nn.Module, source: str) -> Config:
+    """The arch section with the vocabulary and the number of codes per image (at the dataset's resolution)
+    filled from the tokenizer, and checked against it."""
+    shape = tuple(getattr(tokenizer, "code_shape", tokenizer.token_shape))
+    if tokenizer.kind != "discrete" or len(shape) != 2:
+        raise ConfigError(f"{source}: the GPT models a square grid of codes (B, h, w); the tokenizer makes "
+                          f"{tokenizer.kind} tokens of shape {list(shape)}; use a tokenizer without code depth "
+                          "(LlamaGen VQ, Open-MAGVIT2)")
     resolution = config["dataset"]["resolution"]
     side = resolution // tokenizer.downsample_factor if resolution else shape[0]
     arch = dict(config["arch"])
@@ -66,7 +66,23 @@ def resolve_gpt_arch(config: Mapping[str, Any], tokenizer: nn.Module, source: st
             arch[key] = value
         elif arch[key] != value:
             raise ConfigError(f"{source}: arch.{key} {arch[key]} does not match the tokenizer's {value}")
-    return Config(arch)
+    config["arch"] = Config(arch)
+    return config
+
+
+def check_tokenizer(prior: GPT, tokenizer: nn.Module, path: str, config: Mapping[str, Any]) -> None:
+    """The GPT has token tables of its own: the tokenizer must make codes of its grid and vocabulary."""
+    shape = tuple(getattr(tokenizer, "code_shape", tokenizer.token_shape))
+    if len(shape) != 2 or getattr(tokenizer, "vocab_size", None) != prior.vocab_size:
+        raise CheckpointError(f"{path}: the GPT models codes of a {prior.vocab_size}-entry codebook on a square "
+                              f"grid; the given stage-1 model makes {tokenizer.kind} tokens of shape {list(shape)}"
+                              + (f" from {tokenizer.vocab_size} entries" if tokenizer.kind == "discrete" else "")
+                              + "; pass the tokenizer it was trained with")
+
+
+def sampling_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The knobs of the training config's `experiment.sample` (what the training previews use)."""
+    return dict((config.get("experiment") or {}).get("sample") or {})
 
 
 class NPPStage2Task(PriorTask):
@@ -75,13 +91,11 @@ class NPPStage2Task(PriorTask):
     def __init__(self, config: Config, env: DistEnv, steps_per_epoch: int, tokenizer: nn.Module):
         model = GPT.from_config(config["arch"]).to(env.device)
         npp = config["npp"]
-        ema = ModelEMA(model, npp["ema"]) if npp["ema"] else None
-        super().__init__(config, env, tokenizer, model, ema, config["optimizer"]["max_gn"])
+        super().__init__(config, env, tokenizer, model, npp["ema"], config["optimizer"]["max_gn"],
+                         sampling_defaults(config))
         self.plan = patch_plan(config["experiment"]["epochs"], npp["patch_level"], npp["epoch_rate"])
         for size in self.plan[0]:
-            if self.model.grid % math.isqrt(size):
-                raise ConfigError(f"npp.patch_level {npp['patch_level']}: patches of {size} codes do not tile the "
-                                  f"{self.model.grid}x{self.model.grid} code grid; lower it")
+            self.model.check_patch_side(math.isqrt(size), f"npp.patch_level {npp['patch_level']} (lower it): ")
         norms = [p for p in self.model.parameters() if p.ndim < 2]  # officially: no decay on 1-D weights
         self.optimizer = build_optimizer(self.model.parameters(), config["optimizer"], no_decay=norms)
         updates_per_epoch = max(1, steps_per_epoch // self.accumulation)
@@ -96,13 +110,5 @@ class NPPStage2Task(PriorTask):
         side = patch_side(position.epoch, self.plan) if position is not None else 1  # evaluation: token level
         return (self.encode(batch), self.labels(batch)), {"patch_side": side}
 
-    def train_step(self, batch: dict, position: Position) -> dict[str, float]:
-        logs = super().train_step(batch, position)
-        logs["patch_size"] = patch_side(position.epoch, self.plan) ** 2
-        return logs
-
-    def sample_codes(self, labels: torch.Tensor) -> torch.Tensor:
-        sample = self.config["experiment"]["sample"] or {}
-        return self.model.generate(labels, cfg_scale=sample.get("cfg_scale", 1.0),
-                                   temperature=sample.get("temperature", 1.0), top_k=sample.get("top_k"),
-                                   top_p=sample.get("top_p"))
+    def extra_logs(self, position: Position) -> dict[str, float]:
+        return {"patch_size": patch_side(position.epoch, self.plan) ** 2}

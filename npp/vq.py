@@ -16,7 +16,7 @@ from torch import nn
 from common.config import validate
 from common.errors import ConfigError, DataError
 from common.layers import AttnBlock, Level, Normalize, ResnetBlock
-from common.tokenizer import Tokenizer
+from common.tokenizer import DiscreteTokenizer
 from npp.schema import VQ_ARCH
 
 USAGE_WINDOW = 65536  # the official `codebook_used` buffer: the last 65536 chosen codes, whatever the codebook size
@@ -143,7 +143,7 @@ class L2VectorQuantizer(nn.Module):
         return used.unique().numel() / self.embedding.num_embeddings
 
 
-class VQTokenizer(Tokenizer):
+class VQTokenizer(DiscreteTokenizer):
     """Images <-> codes (B, h, w) in [0, codebook_size) (the interface of common/tokenizer.py)."""
 
     def __init__(self, codebook_size: int = 16384, codebook_embed_dim: int = 8,
@@ -187,7 +187,7 @@ class VQTokenizer(Tokenizer):
         return self.decoder(self.post_quant_conv(quantized))
 
     @torch.no_grad()
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> codes (B, h, w), int64."""
         return self.quantize(self.encode(x))[2]
 

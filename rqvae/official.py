@@ -15,7 +15,7 @@ from torch import nn
 
 from common.checkpoint import load_file, strict_load
 from common.config import read_yaml, save_config
-from common.errors import CheckpointError
+from common.errors import CheckpointError, ConfigError
 from rqvae.transformer import RQTransformer
 from rqvae.vqvae import RQVAE
 
@@ -120,6 +120,11 @@ def load_official_rqtransformer(pt_path: str, rqvae: RQVAE, ema: bool = False) -
     with `ema`), built from the config.yaml beside it, with the codebook of `rqvae`, the paired stage-1 model."""
     ckpt, config, config_path = read_official_files(pt_path, is_official_rqtransformer_checkpoint,
                                                    "RQ-Transformer stage-2", "body_transformer.")
+    return build_official_rqtransformer(ckpt, config, config_path, pt_path, rqvae, ema)
+
+
+def build_official_rqtransformer(ckpt: Mapping[str, Any], config: Mapping[str, Any], config_path: str, pt_path: str,
+                                 rqvae: RQVAE, ema: bool) -> RQTransformer:
     model = RQTransformer.from_config(config["arch"], source=config_path)
     model.set_codebook_from(rqvae, source=f"{pt_path} with the given stage-1 model")
     key = "state_dict_ema" if ema else "state_dict"
@@ -141,3 +146,50 @@ def official_sampling_defaults(pt_path: str) -> dict[str, Any]:
     return {"temperature": sampling.get("temp", 1.0),
             "top_k": sampling.get("top_k", experiment_sample.get("top_k")),
             "top_p": sampling.get("top_p", experiment_sample.get("top_p"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The hooks of the method record (rqvae/method.py)
+# ----------------------------------------------------------------------------------------------
+
+def official_tokenizer(obj: Any, path: str, config_path: str | None, use_ema: bool
+                       ) -> tuple[RQVAE, dict[str, Any]] | None:
+    """An official stage-1 `.pt` as (RQ-VAE, the config.yaml beside it); official files keep no EMA."""
+    if not is_official_rqvae_checkpoint(obj):
+        return None
+    return load_official_rqvae(path).eval(), read_yaml(official_config_path(path))
+
+
+def official_tokenizer_weights(obj: Any, path: str, model: nn.Module, use_ema: bool
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None:
+    if not is_official_rqvae_checkpoint(obj):
+        return None
+    return obj["state_dict"], obj.get("discriminator")
+
+
+def official_prior(obj: Any, path: str, tokenizer: nn.Module, use_ema: bool, config_path: str | None
+                   ) -> tuple[RQTransformer, dict[str, Any], dict[str, Any]] | None:
+    """An official stage-2 `.pt` (config.yaml beside it) on the paired RQ-VAE, with the release's
+    sampling settings as knob defaults; EMA weights when the file has them and `use_ema`."""
+    if not is_official_rqtransformer_checkpoint(obj):
+        return None
+    if not isinstance(tokenizer, RQVAE):
+        raise CheckpointError(f"{path}: an RQ-Transformer models the codes of an RQ-VAE, and the stage-1 model given "
+                              f"is a {type(tokenizer).__name__}; pass the RQ-VAE it was trained with")
+    config, beside = read_official_config(path, "RQ-Transformer stage-2")
+    if config_path is not None and os.path.abspath(config_path) != beside:
+        raise ConfigError(f"{config_path}: an official RQ-Transformer is rebuilt from the config.yaml released "
+                          f"with it, which must sit at {beside}")
+    ema = use_ema and isinstance(obj.get("state_dict_ema"), Mapping)
+    prior = build_official_rqtransformer(obj, config, beside, path, tokenizer, ema)
+    return prior, config, {**official_sampling_defaults(path), "ema": ema}
+
+
+def official_prior_weights(obj: Any, path: str, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The weights of an official stage-2 `.pt` with the prior's codebook (official files leave it to stage 1)."""
+    if not is_official_rqtransformer_checkpoint(obj):
+        return None
+    state = dict(obj["state_dict"])
+    if hasattr(model, "codebook"):
+        state["codebook"] = model.codebook
+    return state

@@ -22,7 +22,8 @@ from torch import nn
 from common.attention import KVCache, causal_attention, merge_heads, split_heads
 from common.config import validate
 from common.errors import CheckpointError, ConfigError, DataError
-from common.sampling import Knob, cfg_mix, check_sampling_knobs, per_depth, sample_from_logits
+from common.knobs import token_folder_name, token_knobs
+from common.sampling import KnobValue, cfg_mix, check_sampling_knobs, per_depth, sample_from_logits
 from rqvae.schema import RQTRANSFORMER_ARCH
 
 
@@ -149,7 +150,10 @@ class Classifier(nn.Module):
 
 class RQTransformer(nn.Module):
     """The prior interface every method shares: `forward(codes, cond)` -> logits (B, h, w, D, V),
-    `loss(codes, cond, soft_targets)`, `generate(cond, ...)` -> codes (B, h, w, D)."""
+    `loss(codes, cond, soft_targets)`, `generate(cond, **SAMPLING_KNOBS)` -> codes (B, h, w, D)."""
+
+    SAMPLING_KNOBS = token_knobs(per_depth=True)
+    knob_folder_name = staticmethod(token_folder_name)
 
     def __init__(self, vocab_size: int, block_size: Sequence[int], embed_dim: int, body: Mapping[str, Any],
                  head: Mapping[str, Any], input_embed_dim: int | None = None, vocab_size_cond: int = 1,
@@ -219,6 +223,7 @@ class RQTransformer(nn.Module):
     # -- inputs -----------------------------------------------------------------------------------
 
     def check_codes(self, codes: torch.Tensor) -> None:
+        """Refuse codes of another shape or vocabulary (loaders call this once on cached codes)."""
         if codes.is_floating_point() or tuple(codes.shape[1:]) != self.block_size:
             raise DataError(f"codes must be an integer tensor (B, {', '.join(map(str, self.block_size))}), "
                             f"got {codes.dtype} {tuple(codes.shape)}")
@@ -226,11 +231,8 @@ class RQTransformer(nn.Module):
             raise DataError(f"codes must lie in [0, {self.vocab_size}), got values in "
                             f"[{int(codes.min())}, {int(codes.max())}]: codes of another tokenizer?")
 
-    def check_cond(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Class labels (B,) in [0, num_classes] (the last one only if it is the null class); None means
-        class 0 (the start token of unconditional models)."""
-        if cond is None:
-            return torch.zeros(batch, dtype=torch.long, device=self.pos_emb_hw.device)
+    def check_cond(self, cond: torch.Tensor, batch: int) -> None:
+        """Class labels (B,) in [0, num_classes] (the last one only if it is the null class)."""
         if cond.is_floating_point() or cond.shape != (batch,):
             raise DataError(f"cond must be {batch} integer class labels (shape ({batch},)), "
                             f"got {cond.dtype} {tuple(cond.shape)}")
@@ -238,7 +240,6 @@ class RQTransformer(nn.Module):
         if cond.numel() and (cond.min() < 0 or cond.max() >= rows):
             raise DataError(f"class labels must lie in [0, {rows}) for this prior, got values in "
                             f"[{int(cond.min())}, {int(cond.max())}]")
-        return cond
 
     def cond_tokens(self, cond: torch.Tensor) -> torch.Tensor:
         """Class labels (B,) -> the first body token (B, 1, C); in training some become the null class."""
@@ -267,10 +268,11 @@ class RQTransformer(nn.Module):
     # -- teacher forcing --------------------------------------------------------------------------
 
     def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Codes (B, h, w, D) and class labels (B,) -> logits (B, h, w, D, V) of every code given the ones before."""
-        self.check_codes(codes)
+        """Codes (B, h, w, D) and class labels (B,) -> logits (B, h, w, D, V) of every code given the ones before;
+        no labels: class 0, the start token of unconditional models."""
         B, h, w, D = codes.shape
-        cond = self.check_cond(cond, B)
+        if cond is None:
+            cond = codes.new_zeros(B)
         codes = codes.reshape(B, h * w, D)
 
         x = self.spatial_inputs(codes) + self.pos_emb_hw  # (B, T, C)
@@ -293,13 +295,13 @@ class RQTransformer(nn.Module):
             per_code = soft_target_cross_entropy(logits, soft_targets).flatten()
         loss = per_code.mean()
         per_depth_loss = per_code.detach().reshape(-1, self.block_size[2]).mean(0)
-        logs = {"loss": loss.item(), **{f"loss_d{d}": v.item() for d, v in enumerate(per_depth_loss)}}
+        logs = {"loss": loss.detach(), **{f"loss_d{d}": v for d, v in enumerate(per_depth_loss)}}
         return loss, logs
 
     # -- sampling ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, cond: torch.Tensor, temperature: float = 1.0, top_k: Knob = None, top_p: Knob = None,
+    def generate(self, cond: torch.Tensor, temperature: float = 1.0, top_k: KnobValue = None, top_p: KnobValue = None,
                  cfg_scale: float = 1.0, cached: bool = True, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
         """Sample codes (B, h, w, D) for class labels `cond` (B,) (zeros for unconditional priors).
@@ -313,7 +315,7 @@ class RQTransformer(nn.Module):
         top_ks, top_ps = per_depth(top_k, D, "--top-k"), per_depth(top_p, D, "--top-p")
         if not isinstance(cond, torch.Tensor) or cond.ndim != 1:
             raise DataError("generate needs class labels cond of shape (B,) (zeros for an unconditional prior)")
-        cond = self.check_cond(cond, cond.shape[0])
+        self.check_cond(cond, cond.shape[0])
         guided = cfg_scale != 1.0  # at 1 the null half is skipped: exactly the unguided sampler
         if guided and self.null_class is None:
             raise ConfigError(f"--cfg-scale {cfg_scale} needs a prior trained for classifier-free guidance "

@@ -9,90 +9,17 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from common.autoencoder import Decoder, Encoder
 from common.config import validate
 from common.errors import ConfigError, DataError
-from common.layers import AttnBlock, Level, Normalize, ResnetBlock
-from common.tokenizer import Tokenizer
+from common.tokenizer import DiscreteTokenizer
 from rqvae.quantizer import RQBottleneck
 from rqvae.schema import RQVAE_ARCH
 
 
-class MidBlock(nn.Module):
-    """Residual block, attention, residual block at the lowest resolution."""
-
-    def __init__(self, channels: int, dropout: float, checkpointing: bool):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout, checkpointing)
-        self.attn_1 = AttnBlock(channels, checkpointing)
-        self.block_2 = ResnetBlock(channels, channels, dropout, checkpointing)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
-
-
-class Encoder(nn.Module):
-    """Images (B, in_channels, R, R) -> features (B, z_channels, R / 2^(L-1), R / 2^(L-1)), L = len(ch_mult)."""
-
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-                 resolution: int, in_channels: int, z_channels: int, dropout: float = 0.0,
-                 checkpointing: bool = False):
-        super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
-        widths = [ch] + [ch * m for m in ch_mult]
-        self.down = nn.ModuleList()
-        for i in range(len(ch_mult)):
-            res = resolution // 2 ** i
-            last = i == len(ch_mult) - 1
-            self.down.append(Level(widths[i], widths[i + 1], num_res_blocks, res in attn_resolutions, dropout,
-                                   checkpointing, resample=None if last else "down"))
-        self.mid = MidBlock(widths[-1], dropout, checkpointing)
-        self.norm_out = Normalize(widths[-1])
-        self.conv_out = nn.Conv2d(widths[-1], z_channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)  # (B, ch, R, R)
-        for level in self.down:
-            h = level(h)
-        h = self.mid(h)  # (B, ch * ch_mult[-1], R / 2^(L-1), R / 2^(L-1))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    """Features (B, z_channels, r, r) -> images (B, out_ch, r * 2^(L-1), r * 2^(L-1)), unbounded (no tanh).
-
-    `up.{i}` is the level of resolution R / 2^i (run from i = L-1 down to 0) and has
-    num_res_blocks + 1 residual blocks, one more than the encoder's levels.
-    """
-
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-                 resolution: int, out_ch: int, z_channels: int, dropout: float = 0.0, checkpointing: bool = False):
-        super().__init__()
-        L = len(ch_mult)
-        widths = [ch * m for m in ch_mult]
-        self.conv_in = nn.Conv2d(z_channels, widths[-1], kernel_size=3, padding=1)
-        self.mid = MidBlock(widths[-1], dropout, checkpointing)
-        levels = {}
-        in_width = widths[-1]
-        for i in reversed(range(L)):
-            res = resolution // 2 ** i
-            levels[i] = Level(in_width, widths[i], num_res_blocks + 1, res in attn_resolutions, dropout,
-                              checkpointing, resample="up" if i > 0 else None)
-            in_width = widths[i]
-        self.up = nn.ModuleList(levels[i] for i in range(L))  # indexed by level, as the official state dict
-        self.norm_out = Normalize(widths[0])
-        self.conv_out = nn.Conv2d(widths[0], out_ch, kernel_size=3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))  # (B, ch * ch_mult[-1], r, r)
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, R, R)
-
-
-class RQVAE(Tokenizer):
+class RQVAE(DiscreteTokenizer):
     """The RQ-VAE tokenizer: images <-> codes (B, h, w, D) in [0, n_embed).
 
     The interface of common/tokenizer.py, plus `embed_codes_with_depth` for the RQ-Transformer's inputs.
@@ -150,7 +77,7 @@ class RQVAE(Tokenizer):
         return self.decoder(h)
 
     @torch.no_grad()
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> codes (B, h, w, D), int64. Like `forward`, a model in training mode updates its codebooks."""
         return self.quantizer(self.encode(x))[2]
 

@@ -1,11 +1,13 @@
-"""Encode a dataset split with any tokenizer into code shards for stage-2 training.
+"""Encode a dataset split with any tokenizer into token shards for stage-2 training.
 
     python scripts/extract_codes.py --tokenizer results/rqvae/last.pt --split train --flip --output codes/train
     torchrun --nproc_per_node=8 scripts/extract_codes.py --tokenizer ffhq256/stage1/model.pt \\
         --data-root data/ffhq --split train --flip --output codes/ffhq-train
 
 Images get the evaluation transform (resize, center crop); `--flip` also stores the codes of the
-mirrored image, and stage-2 training picks one of the two per item and epoch. Shard k (images
+mirrored image, and stage-2 training picks one of the two per item and epoch. A discrete tokenizer's
+shards hold its codes; a continuous one's the posterior moments of each image (float32), of which
+training draws a fresh sample at every step. Shard k (images
 [k*S, (k+1)*S)) is written by rank k % world_size in one atomic step, so an interrupted
 extraction is resumed by running the same command again.
 """
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import dist  # noqa: E402
-from common.codes import shard_path, write_meta, write_shard  # noqa: E402
+from common.token_cache import shard_path, write_meta, write_shard  # noqa: E402
 from common.data import build_dataset_from_config  # noqa: E402
 from common.errors import cli_entry  # noqa: E402
 from methods import load_tokenizer  # noqa: E402
@@ -31,16 +33,18 @@ from methods import load_tokenizer  # noqa: E402
 
 @torch.no_grad()
 def encode_shard(model, dataset, indices: range, batch_size: int, flip: bool, device, num_workers: int):
+    """(tokens (N, A, ...), labels (N,)): codes, or the posterior moments of a continuous tokenizer."""
+    encode = model.encode_moments if model.kind == "continuous" else model.encode_tokens
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
-    codes, labels = [], []
+    tokens, labels = [], []
     for batch in loader:
         x = batch["image"].to(device)
-        views = [model.encode_codes(x)]
+        views = [encode(x)]
         if flip:
-            views.append(model.encode_codes(x.flip(-1)))
-        codes.append(torch.stack(views, dim=1).cpu())  # (B, A, *code_shape)
+            views.append(encode(x.flip(-1)))
+        tokens.append(torch.stack(views, dim=1).cpu())  # (B, A, *token shape)
         labels.append(batch["label"])
-    return torch.cat(codes).numpy(), torch.cat(labels).numpy()
+    return torch.cat(tokens).numpy(), torch.cat(labels).numpy()
 
 
 @cli_entry
@@ -81,7 +85,9 @@ def main(argv=None) -> None:
     if env.is_main:
         write_meta(args.output, {"tokenizer": os.path.abspath(args.tokenizer), "split": args.split,
                                  "num_images": len(dataset), "num_shards": num_shards, "shard_size": args.shard_size,
-                                 "code_shape": list(model.code_shape), "vocab_size": model.vocab_size,
+                                 "kind": model.kind, "token_shape": list(model.token_shape),
+                                 **({"code_shape": list(model.code_shape), "vocab_size": model.vocab_size}
+                                    if model.kind == "discrete" else {"scale_factor": model.scale_factor}),
                                  "augmentations": ["none", "flip"] if args.flip else ["none"]})
         print(f"{len(dataset)} images encoded into {num_shards} shard(s) in {args.output}")
     dist.cleanup()

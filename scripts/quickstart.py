@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import main_cache  # noqa: E402
+import main_mar  # noqa: E402
 import main_stage1  # noqa: E402
 import main_stage2  # noqa: E402
 from common import dist  # noqa: E402
@@ -29,7 +31,7 @@ from common.metrics import (InceptionAccumulator, find_inception_weights, load_i
                             reconstruction_metrics)
 from methods import load_prior, load_tokenizer  # noqa: E402
 
-METHODS = ("rqvae", "lfq", "npp")
+METHODS = ("rqvae", "lfq", "npp", "mar")
 CLASSES = 10
 
 
@@ -74,7 +76,7 @@ def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEn
     scores = reconstruction_metrics(tokenizer, loader, env, inception, desc="reconstruction scores")
     originals = torch.stack([val[i]["image"] for i in range(16)])
     with torch.no_grad():
-        recon = tokenizer(originals.to(env.device))[0].clamp(-1, 1).cpu()
+        recon = tokenizer.reconstruct(originals.to(env.device))[0].clamp(-1, 1).cpu()
     save_image_grid(torch.cat([originals, recon]), os.path.join(out, "reconstructions.png"), nrow=16)
     return checkpoint, tokenizer, val, scores
 
@@ -87,25 +89,32 @@ def run_lfq(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
 
 
 def train_prior_and_sample(config: str, name: str, stage1: str, tokenizer, val, out: str, env: dist.DistEnv,
-                           inception, fast: bool, overrides: list[str], top_k: int) -> dict:
-    """Train a tiny class-conditional prior on a tokenizer's codes; draw and score samples per class,
-    without and with classifier-free guidance."""
+                           inception, fast: bool, overrides: list[str], knobs: dict) -> dict:
+    """Train a tiny class-conditional prior on a tokenizer's tokens, then sample it (`sample_and_score`)."""
     runs = os.path.join(out, "runs")
     main_stage2.main(["-m", config, "-r", runs, "-v", stage1, "--device", str(env.device), *overrides])
-    prior, _, _ = load_prior(os.path.join(runs, name, "last.pt"), tokenizer)
+    return sample_and_score(os.path.join(runs, name, "last.pt"), tokenizer, val, out, env, inception, fast, knobs)
+
+
+def sample_and_score(checkpoint: str, tokenizer, val, out: str, env: dist.DistEnv, inception, fast: bool,
+                     knobs: dict) -> dict:
+    """Draw and score samples of every class without and with classifier-free guidance: `knobs` are the
+    prior's sampling knobs, its guidance knob set to 1 and to 3."""
+    prior, _, _ = load_prior(checkpoint, tokenizer)
     prior = prior.to(env.device)
+    guidance = "cfg" if "cfg" in prior.SAMPLING_KNOBS else "cfg_scale"
     per_class = 2 if fast else 20
     labels = torch.arange(CLASSES, device=env.device).repeat_interleave(per_class)
     generator = torch.Generator(env.device).manual_seed(0)
     samples = {}
-    for cfg_scale in (1.0, 3.0):
-        codes = torch.cat([prior.generate(chunk, top_k=top_k, cfg_scale=cfg_scale, generator=generator)
-                           for chunk in labels.split(100)])
+    for scale in (1.0, 3.0):
+        tokens = torch.cat([prior.generate(chunk, generator=generator, **knobs, **{guidance: scale})
+                            for chunk in labels.split(100)])
         with torch.no_grad():
-            samples[cfg_scale] = tokenizer.decode_codes(codes).clamp(-1, 1).cpu()
-        grid = samples[cfg_scale].reshape(CLASSES, per_class, 3, 32, 32)[:, :min(per_class, 10)]
+            samples[scale] = tokenizer.decode_tokens(tokens).clamp(-1, 1).cpu()
+        grid = samples[scale].reshape(CLASSES, per_class, 3, 32, 32)[:, :min(per_class, 10)]
         save_image_grid(grid.transpose(0, 1).reshape(-1, 3, 32, 32),
-                        os.path.join(out, f"samples_cfg{cfg_scale:g}.png"), nrow=CLASSES)
+                        os.path.join(out, f"samples_cfg{scale:g}.png"), nrow=CLASSES)
     reference = torch.stack([val[i]["image"] for i in range(len(labels))])
     return {f"cfg{scale:g}": score_samples(images, reference, inception) for scale, images in samples.items()}
 
@@ -117,7 +126,7 @@ def run_rqvae(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
     overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
         ["dataset.num_samples=1600", "experiment.epochs=3"]
     sample_scores = train_prior_and_sample("configs/shapes/stage2/rqtransformer.yaml", "rqtransformer", stage1,
-                                           tokenizer, val, out, env, inception, fast, overrides, top_k=16)
+                                           tokenizer, val, out, env, inception, fast, overrides, {"top_k": 16})
     return {"stage1_reconstruction": stage1_scores, "samples": sample_scores,
             "files": {"reconstructions": "reconstructions.png", "samples": ["samples_cfg1.png", "samples_cfg3.png"],
                       "runs": "runs/"}}
@@ -136,17 +145,37 @@ def run_npp(out: str, env: dist.DistEnv, inception, fast: bool, lfq_out: str | N
         val = shapes_val(fast)
     overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else ["dataset.num_samples=3200"]
     sample_scores = train_prior_and_sample("configs/shapes/stage2/npp-gpt.yaml", "npp-gpt", stage1, tokenizer, val,
-                                           out, env, inception, fast, overrides, top_k=100)
+                                           out, env, inception, fast, overrides, {"top_k": 100})
     return {"tokenizer": stage1, "samples": sample_scores,
             "files": {"samples": ["samples_cfg1.png", "samples_cfg3.png"], "runs": "runs/"}}
+
+
+def run_mar(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
+    """MAR: the tiny KL VAE on shapes, its latents cached in the official layout (main_cache.py), the tiny
+    MAR trained on the cache with main_mar.py, then samples (8 autoregressive steps)."""
+    stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/kl-vae.yaml", "kl-vae",
+                                                                      out, env, inception, fast)
+    cache, run = os.path.join(out, "cache"), os.path.join(out, "runs", "mar")
+    main_cache.main(["--dataset", "shapes", "--num_images", "320" if fast else "2000", "--img_size", "32",
+                     "--vae_path", stage1, "--vae_embed_dim", str(tokenizer.channels), "--cached_path", cache,
+                     "--batch_size", "100", "--num_workers", "0", "--device", str(env.device)])
+    main_mar.main(["--config", "configs/shapes/mar/mar.yaml", "--use_cached", "--cached_path", cache,
+                   "--vae_path", stage1, "--output_dir", run, "--device", str(env.device),
+                   *(["experiment.epochs=1"] if fast else [])])
+    sample_scores = sample_and_score(os.path.join(run, "last.pt"), tokenizer, val, out, env, inception, fast,
+                                     {"num_iter": 8})
+    return {"stage1_reconstruction": stage1_scores, "samples": sample_scores,
+            "files": {"reconstructions": "reconstructions.png", "samples": ["samples_cfg1.png", "samples_cfg3.png"],
+                      "cache": "cache/", "runs": "runs/"}}
 
 
 def summary_lines(method: str, result: dict, seconds: float) -> list[str]:
     lines = [f"{method}: {seconds / 60:.1f} min"]
     recon = result.get("stage1_reconstruction")
     if recon:
-        lines.append(f"  reconstruction: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}, codebook usage "
-                     + ", ".join(f"d{d} {recon[f'usage_d{d}']:.0%}" for d in range(8) if f"usage_d{d}" in recon)
+        usage = ", ".join(f"d{d} {recon[f'usage_d{d}']:.0%}" for d in range(8) if f"usage_d{d}" in recon)
+        lines.append(f"  reconstruction: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}"
+                     + (f", codebook usage {usage}" if usage else "")
                      + (f", rFID {recon['rfid']:.2f}" if "rfid" in recon else ""))
     for name, scores in result["samples"].items():
         if scores:
@@ -178,7 +207,8 @@ def main(argv=None) -> None:
             lfq_out = os.path.join(args.output, "lfq") if "lfq" in results else None
             results[method] = run_npp(out, env, inception, args.fast, lfq_out)
         else:
-            results[method] = {"rqvae": run_rqvae, "lfq": run_lfq}[method](out, env, inception, args.fast)
+            results[method] = {"rqvae": run_rqvae, "lfq": run_lfq, "mar": run_mar}[method](out, env, inception,
+                                                                                            args.fast)
         summary += summary_lines(method, results[method], time.time() - start)
     if missing:
         results["fid_skipped"] = missing

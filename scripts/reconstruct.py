@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         for start in tqdm(range(0, len(images), args.batch_size), desc="reconstruct", unit="batch"):
             batch = images[start:start + args.batch_size].to(device)
-            reconstructions.append(model(batch)[0].clamp(-1, 1).cpu())
+            reconstructions.append(model.reconstruct(batch)[0].clamp(-1, 1).cpu())
     reconstructions = torch.cat(reconstructions)
 
     for path, pixels in zip(paths, to_uint8(reconstructions)):

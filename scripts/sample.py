@@ -8,10 +8,11 @@
 
 With --classes, -n images of each listed class (default 1), class by class in the order given, and
 one row of grid.png per class. Without it, -n images (default 16): an unconditional prior's, or a
-class-conditional prior's cycling through classes 0, 1, 2, ... Temperature, top-k and top-p default to
-the checkpoint's (official: config.yaml `sampling`; ours: `experiment.sample`). Writes 00000.png, ...,
-grid.png and codes.npy (int64, N x h x w x D). Batch g draws from a generator seeded by (--seed, g),
-as in main_sampling_fid.py.
+class-conditional prior's cycling through classes 0, 1, 2, ... The prior's sampling knobs are flags or
+key=value arguments and default to the checkpoint's (official: the release's settings; ours:
+`experiment.sample`). Writes 00000.png, ..., grid.png and the tokens: codes.npy (int64, N x h x w [x D])
+of a discrete tokenizer, latents.npy (float32, N x C x h x w) of a continuous one. Batch g draws from a
+generator seeded by (--seed, g), as in main_sampling_fid.py.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from tqdm import tqdm  # noqa: E402
 from common.data import save_image_grid, to_uint8  # noqa: E402
 from common.dist import resolve_device  # noqa: E402
 from common.errors import ConfigError, DataError, cli_entry  # noqa: E402
-from main_sampling_fid import load_sampler, sampling_parser  # noqa: E402
+from common.sampler import parse_sampling_args, sampling_parser  # noqa: E402
+from methods import load_sampler, sampling_knob_schemas  # noqa: E402
 
 DEFAULT_SAMPLES = 16  # without --classes
 
@@ -49,17 +51,17 @@ def requested_labels(classes: list[int] | None, n: int | None, num_classes: int)
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    parser = sampling_parser(__doc__)
+    parser = sampling_parser(__doc__, sampling_knob_schemas())
     parser.set_defaults(batch_size=32)
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="class labels to sample")
     parser.add_argument("-n", "--n-samples", type=int, default=None,
                         help=f"images per listed class (default 1), or in all without --classes "
                              f"(default {DEFAULT_SAMPLES})")
     parser.add_argument("--output", required=True, help="folder for the PNGs, grid.png and codes.npy")
-    args = parser.parse_args(argv)
+    args, assignments = parse_sampling_args(parser, argv)
 
     device = resolve_device(args.device)
-    sampler = load_sampler(args, device)
+    sampler = load_sampler(args, assignments, device)
     labels = requested_labels(args.classes, args.n_samples, sampler.prior.num_classes)
     print(f"sampling {len(labels)} images with {sampler.describe()}")
 
@@ -75,8 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         Image.fromarray(pixels.numpy()).save(os.path.join(args.output, f"{index:05d}.png"))
     per_row = args.n_samples if args.classes and args.n_samples and args.n_samples > 1 else None
     save_image_grid(images, os.path.join(args.output, "grid.png"), nrow=per_row)
-    np.save(os.path.join(args.output, "codes.npy"), codes.numpy().astype(np.int64))
-    print(f"{len(labels)} images, grid.png and codes.npy written to {args.output}")
+    tokens_file = "latents.npy" if codes.is_floating_point() else "codes.npy"
+    np.save(os.path.join(args.output, tokens_file),
+            codes.float().numpy() if codes.is_floating_point() else codes.numpy().astype(np.int64))
+    print(f"{len(labels)} images, grid.png and {tokens_file} written to {args.output}")
 
 
 if __name__ == "__main__":

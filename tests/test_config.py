@@ -85,3 +85,23 @@ def test_save_config_round_trips(tmp_path):
     out = str(tmp_path / "saved.yaml")
     save_config(cfg, out)
     assert read_yaml(out) == cfg.to_dict()
+
+
+def test_grad_accm_steps_is_the_accumulation_of_priors_and_refused_for_tokenizers(tmp_path):
+    from common.config import Config
+    from common.prior_task import accumulation_steps
+    from tests.helpers import assert_one_line_error, run_cli
+
+    def config(batch, total=None, accm=1):
+        return Config({"experiment": {"batch_size": batch, "total_batch_size": total},
+                       "optimizer": {"grad_accm_steps": accm}})
+
+    assert accumulation_steps(config(8), world_size=2) == 1
+    assert accumulation_steps(config(8, accm=4), world_size=2) == 4  # the official RQ-VAE key
+    assert accumulation_steps(config(8, total=64), world_size=2) == 4
+    assert accumulation_steps(config(8, total=64, accm=4), world_size=2) == 4  # both, and they agree
+    with pytest.raises(ConfigError, match="total_batch_size 64 and optimizer.grad_accm_steps 2 disagree"):
+        accumulation_steps(config(8, total=64, accm=2), world_size=2)
+    result = run_cli("main_stage1.py", "-m", "configs/shapes/stage1/rqvae.yaml", "-r", str(tmp_path),
+                     "optimizer.grad_accm_steps=2")
+    assert_one_line_error(result, "optimizer.grad_accm_steps: tokenizers take one optimizer step per batch")

@@ -113,10 +113,10 @@ def test_official_checkpoint_reproduces_codes_and_reconstruction(model, vectors)
     assert torch.equal(codes.flatten(), vectors["indices"])
     close(recon, vectors["rec"])
     assert all(float(loss) == 0.0 for loss in losses)  # eval mode: no auxiliary losses
-    assert torch.equal(model.encode_codes(images), codes)
+    assert torch.equal(model.encode_tokens(images), codes)
     with torch.no_grad():
         close(model.decode(vectors["quant"]), vectors["rec"])
-    close(model.decode_codes(vectors["indices"].view(4, 16, 16)), vectors["rec_from_indices"])
+    close(model.decode_tokens(vectors["indices"].view(4, 16, 16)), vectors["rec_from_indices"])
 
 
 def test_loader_uses_ema_weights_unless_asked_for_raw(vectors):
@@ -372,8 +372,8 @@ def test_bad_images_and_codes_are_refused(model):
     for bad in (torch.zeros(1, 3, 33, 32), torch.zeros(3, 32, 32), torch.zeros(1, 1, 32, 32),
                 torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, 3, 2, 2)):
         with pytest.raises(DataError, match="images must be"):
-            model.encode_codes(bad)
-    assert model.encode_codes(torch.zeros(1, 3, 64, 48)).shape == (1, 32, 24)  # fully convolutional
+            model.encode_tokens(bad)
+    assert model.encode_tokens(torch.zeros(1, 3, 64, 48)).shape == (1, 32, 24)  # fully convolutional
     for bad in (torch.zeros(1, 16, 16), torch.full((1, 16, 16), 256), torch.zeros(16, 16, dtype=torch.long)):
         with pytest.raises(DataError, match="codes must be"):
-            model.decode_codes(bad)
+            model.decode_tokens(bad)

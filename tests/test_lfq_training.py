@@ -27,7 +27,8 @@ from lfq.official import load_official_lfq, official_discriminator_state, read_l
 from lfq.quantizer import LFQLosses
 from lfq.model import LFQTokenizer
 from lfq.stage1 import STAGE1_SCHEMA, LFQStage1Task, check_stage1_config
-from methods import load_tokenizer, read_lfq_config
+from lfq.official import read_lfq_config
+from methods import load_tokenizer
 from tests.helpers import DATA, assert_one_line_error, run_cli
 
 LFQ_DATA = os.path.join(DATA, "lfq")
@@ -197,7 +198,7 @@ def test_official_yaml_and_checkpoint_train_through_main_stage1(tmp_path):
     assert [r["step"] for r in records(run)] == [1, 2]
     model, config = load_tokenizer(str(run / "last.pt"))
     assert config["loss"]["lecam_loss_weight"] == 0.02 and config["arch"]["embed_dim"] == 8
-    assert model.encode_codes(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 16)
+    assert model.encode_tokens(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 16)
 
 
 def test_reconstruct_reproduces_official_reconstructions(tmp_path):

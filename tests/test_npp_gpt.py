@@ -86,7 +86,7 @@ def test_generated_codes_equal_the_official_sampler(gpt, name, knobs):
 def test_greedy_samples_decode_to_the_official_images(gpt):
     vq, _ = load_tokenizer(os.path.join(NPP_DATA, "vq_tiny.pt"))
     codes = gpt.generate(torch.from_numpy(GENERATED["labels"]), top_k=1, cfg_scale=1.5)
-    images = vq.decode_codes(codes)
+    images = vq.decode_tokens(codes)
     pixels = (127.5 * images + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # LlamaGen's
     for pixel, label in zip(pixels, (0, 7)):
         official = np.asarray(Image.open(os.path.join(NPP_DATA, f"sample_greedy_cfg1.5_label{label}.png")))
@@ -164,10 +164,10 @@ def test_training_step_learns_and_drops_classes():
 def test_bad_input_is_refused(gpt, tmp_path):
     with pytest.raises(DataError, match="class labels"):
         gpt.generate(torch.tensor([13]))
-    with pytest.raises(ConfigError, match="patch side 5"):
-        gpt(torch.zeros(1, 144, dtype=torch.long), torch.tensor([0]), patch_side=5)
+    with pytest.raises(ConfigError, match=r"\(side 5\) do not tile"):
+        gpt.check_patch_side(5)
     with pytest.raises(DataError, match="codes must be integers"):
-        gpt(torch.zeros(1, 100, dtype=torch.long), torch.tensor([0]))
+        gpt.check_codes(torch.zeros(1, 100, dtype=torch.long))
     with pytest.raises(ConfigError, match="--top-k must be >= 1"):
         gpt.generate(torch.tensor([0]), top_k=0)
     torch.save({"model": {"encoder.conv_in.weight": torch.zeros(1)}}, tmp_path / "not_gpt.pt")

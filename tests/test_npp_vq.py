@@ -75,10 +75,10 @@ def test_official_encode_quantize_and_decode(tiny):
     assert_close(z, torch.from_numpy(OUTPUTS["z_e"]), rtol=0, atol=1e-5)
     quantized, losses, codes = tiny.quantize(z)
     assert torch.equal(codes, torch.from_numpy(OUTPUTS["codes"]))
-    assert torch.equal(tiny.encode_codes(x), codes)
+    assert torch.equal(tiny.encode_tokens(x), codes)
     assert_close(quantized, torch.from_numpy(OUTPUTS["quant"]), rtol=0, atol=1e-6)
     assert float(losses.vq) == float(losses.commit) == 0.0  # eval mode
-    recon = tiny.decode_codes(codes)
+    recon = tiny.decode_tokens(codes)
     assert_close(recon, torch.from_numpy(OUTPUTS["recon"]), rtol=0, atol=1e-5)
     # the official post-processing (truncation of 127.5 x + 128) gives the released PNGs exactly
     official_uint8 = (127.5 * recon + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -157,7 +157,7 @@ def test_incomplete_file_is_refused_with_the_missing_key(tmp_path):
 @torch.no_grad()
 def test_bad_codes_and_images_are_refused(tiny):
     with pytest.raises(DataError, match=r"values in \[0, 128\)"):
-        tiny.decode_codes(torch.full((1, 12, 12), 128))
+        tiny.decode_tokens(torch.full((1, 12, 12), 128))
     with pytest.raises(DataError, match="multiples of 2"):
         tiny.encode(torch.zeros(1, 3, 23, 24))
 

@@ -151,7 +151,7 @@ def test_official_stochastic_codes_after_the_same_seed(prior, vectors, cached):
 
 
 def test_greedy_samples_decode_to_the_official_images(rqvae, vectors):
-    decoded = torch.cat([rqvae.decode_codes(code[None]) for code in vectors["greedy_codes"]])
+    decoded = torch.cat([rqvae.decode_tokens(code[None]) for code in vectors["greedy_codes"]])
     assert_close(decoded, vectors["greedy_decoded"], rtol=1e-4, atol=1e-4)
 
 
@@ -373,9 +373,9 @@ def test_loss_trains_the_transformer_not_the_codebook():
 def test_bad_input_is_refused_clearly():
     model = tiny_prior()
     with pytest.raises(DataError, match=r"codes must be an integer tensor \(B, 3, 3, 3\)"):
-        model(torch.zeros(2, 3, 3, 2, dtype=torch.long))
+        model.check_codes(torch.zeros(2, 3, 3, 2, dtype=torch.long))
     with pytest.raises(DataError, match=r"codes must lie in \[0, 32\)"):
-        model(torch.full((2, 3, 3, 3), 40))
+        model.check_codes(torch.full((2, 3, 3, 3), 40))
     with pytest.raises(DataError, match=r"class labels must lie in \[0, 5\)"):
         model.generate(torch.tensor([7]))
     with pytest.raises(DataError, match="generate needs class labels cond of shape"):

@@ -75,7 +75,7 @@ def copy_official(tmp_path, state_dict=None, arch=None) -> str:
 def test_official_checkpoint_reproduces_latents_and_codes(model, vectors):
     x = vectors["input_nchw"]
     close(model.encode(x), vectors["latent_ze"])
-    codes = model.encode_codes(x)
+    codes = model.encode_tokens(x)
     assert codes.dtype == torch.int64 and codes.shape == (4, 8, 8, 3)
     assert torch.equal(codes, vectors["codes"])
     close(model.quantizer.embed_codes(codes), vectors["quant_latent"])
@@ -87,7 +87,7 @@ def test_official_checkpoint_reproduces_reconstructions(model, vectors):
     recon, commitment_loss, codes = model(x)
     assert torch.equal(codes, vectors["codes"])
     close(recon, vectors["recon_forward"])
-    close(model.decode_codes(vectors["codes"]), vectors["recon_from_codes"])
+    close(model.decode_tokens(vectors["codes"]), vectors["recon_from_codes"])
     pixels = (recon * 0.5 + 0.5).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1)  # truncation
     assert (pixels.int() - vectors["recon_png_u8_nhwc"].int()).abs().max() <= 1
     assert_close(commitment_loss, vectors["commitment_loss_eval"], rtol=1e-5, atol=0)
@@ -224,7 +224,7 @@ def test_rqvae_with_code_shape_divisor_two_round_trips():
     assert model.embed_codes_with_depth(codes).shape == (2, 4, 4, 3, 32)
     z_q = model.quantizer(model.encode(x))[0]
     close(model.quantizer.embed_codes(codes), z_q)
-    close(model.decode_codes(codes), recon)
+    close(model.decode_tokens(codes), recon)
 
 
 def test_separate_codebooks_have_own_weights_and_keys():
@@ -351,9 +351,9 @@ def test_bad_images_and_codes_are_refused(model, vectors):
     with pytest.raises(DataError, match="multiples of 2"):
         model.encode(torch.zeros(1, 3, 15, 15))
     with pytest.raises(DataError, match=r"values in \[0, 32\)"):
-        model.decode_codes(vectors["codes"] + 32)
+        model.decode_tokens(vectors["codes"] + 32)
     with pytest.raises(DataError, match="codes must be an integer tensor"):
-        model.decode_codes(vectors["codes"][..., :2])
+        model.decode_tokens(vectors["codes"][..., :2])
     with pytest.raises(DataError, match="'add' or 'select'"):
         model.decode_partial_codes(vectors["codes"], 0, "sum")
     with pytest.raises(DataError, match="depth 3 is out of range"):
@@ -439,5 +439,5 @@ def test_export_then_load_round_trips(model, vectors, tmp_path):
     assert read_yaml(str(tmp_path / "export" / "config.yaml"))["arch"] == arch.to_dict()
     loaded = load_official_rqvae(path).eval()
     x = vectors["input_nchw"]
-    assert torch.equal(loaded.encode_codes(x), model.encode_codes(x))
-    assert torch.equal(loaded.decode_codes(vectors["codes"]), model.decode_codes(vectors["codes"]))
+    assert torch.equal(loaded.encode_tokens(x), model.encode_tokens(x))
+    assert torch.equal(loaded.decode_tokens(vectors["codes"]), model.decode_tokens(vectors["codes"]))

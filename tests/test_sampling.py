@@ -54,7 +54,7 @@ def test_top_p_one_and_disabled_filters_keep_everything():
 
 
 def test_probabilities_match_the_official_order_of_operations():
-    """temperature -> top-k on logits -> softmax -> nucleus on probabilities -> renormalise (spec 4.6)."""
+    """temperature -> top-k on logits -> softmax -> nucleus on probabilities -> renormalise."""
     torch.manual_seed(0)
     logits = torch.randn(64, 100) * 3
     temperature, k, p = 0.8, 20, 0.7

@@ -22,7 +22,8 @@ from common.errors import CheckpointError
 from common.metrics import FIDStatistics, load_statistics, write_random_inception_weights
 from common.metrics.images import NpzImages
 from measure_throughput.__main__ import main as measure_throughput
-from methods import load_prior
+from common.sampler import parse_sampling_args, sampling_parser
+from methods import load_prior, load_sampler, sampling_knob_schemas
 from rqvae.official import export_official_rqvae, load_official_rqvae
 from rqvae.transformer import RQTransformer
 from rqvae.vqvae import RQVAE
@@ -77,9 +78,10 @@ def test_sample_script_reproduces_the_official_greedy_codes(tmp_path, vectors, w
 
 
 def test_sample_script_sampler_draws_the_same_codes_cached_and_uncached():
-    args = main_sampling_fid.sampling_parser("").parse_args([*MODELS, "-t", "0.8", "--top-k", "6", "--top-p", "0.85",
-                                                             "--seed", "5"])
-    sampler = main_sampling_fid.load_sampler(args, torch.device("cpu"))
+    args, assignments = parse_sampling_args(sampling_parser("", sampling_knob_schemas()),
+                                            [*MODELS, "-t", "0.8", "--top-k", "6", "top_p=0.85", "--seed", "5"])
+    sampler = load_sampler(args, assignments, torch.device("cpu"))
+    assert sampler.knobs == {"temperature": 0.8, "top_k": [6, 6, 6], "top_p": [0.85, 0.85, 0.85], "cfg_scale": 1.0}
     labels = torch.tensor([3, 9])
     codes, images = sampler.generate(labels, seed=5, batch_index=2)
     generator = torch.Generator().manual_seed(derive_seed(5, 2))
@@ -138,7 +140,7 @@ def test_load_prior_reads_our_checkpoints(tmp_path, capsys):
     sample.main(["-v", STAGE1, "-a", path, "--classes", "1", "3", "-n", "2", "--cfg", "2.5", "--device", "cpu",
                  "--output", str(out)])
     assert np.load(out / "codes.npy").shape == (4, 8, 8, 3)
-    assert "temperature 0.7, top-k [3, 3, 3], top-p [0.9, 0.9, 0.9], cfg 2.5, EMA" in capsys.readouterr().out
+    assert "temperature 0.7, top-k [3, 3, 3], top-p [0.9, 0.9, 0.9], cfg-scale 2.5, EMA" in capsys.readouterr().out
 
     retrained = load_official_rqvae(STAGE1)  # same shapes, but its codebook is not the prior's
     with torch.no_grad():
@@ -190,7 +192,12 @@ def test_sharded_sampling_on_two_processes_equals_one_process(tmp_path):
     two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_sampling_fid.py",
                   *args, "--save-dir", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr
-    main_sampling_fid.main([*args, "--save-dir", str(tmp_path / "one")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker: other thread counts round differently
+    try:
+        main_sampling_fid.main([*args, "--save-dir", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
     with np.load(os.path.join(sampled_dir(tmp_path / "one"), "samples.npz")) as one, \
             np.load(os.path.join(sampled_dir(tmp_path / "two"), "samples.npz")) as other:
         assert np.array_equal(one["arr_0"], other["arr_0"]) and np.array_equal(one["labels"], other["labels"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import main_stage2
-from common.codes import CodesDataset
+from common.token_cache import CachedTokens
 from tests.helpers import assert_resume_is_exact, train_records, DATA, assert_one_line_error, run_cli
 
 CONFIG = "configs/shapes/stage2/rqtransformer.yaml"
@@ -51,12 +51,12 @@ def test_extracted_codes_sharded_over_two_processes_and_ddp_training(tmp_path):
     assert two.returncode == 0, two.stderr
     one = run_cli(*extract, "--output", str(tmp_path / "codes1"))
     assert one.returncode == 0, one.stderr
-    a, b = CodesDataset(str(tmp_path / "codes1")), CodesDataset(str(tmp_path / "codes2"))
-    assert len(a) == 40 and a.codes.shape == (40, 2, 8, 8, 3)
-    assert torch.equal(a.codes, b.codes)
+    a, b = CachedTokens(str(tmp_path / "codes1")), CachedTokens(str(tmp_path / "codes2"))
+    assert len(a) == 40 and a.tokens.shape == (40, 2, 8, 8, 3)
+    assert torch.equal(a.tokens, b.tokens)
     os.remove(tmp_path / "codes1" / "codes_00001.npz")  # an interrupted run: only the missing shard is redone
     again = run_cli(*extract, "--output", str(tmp_path / "codes1"))
-    assert again.returncode == 0 and torch.equal(CodesDataset(str(tmp_path / "codes1")).codes, b.codes)
+    assert again.returncode == 0 and torch.equal(CachedTokens(str(tmp_path / "codes1")).tokens, b.tokens)
 
     # Training on the codes: 2 processes x 4 equals 1 process x 8 (no class dropout, no randomness left).
     train = [*TINY, f"codes.train={tmp_path / 'codes1'}", "loss.type=cross_entropy", "arch.class_dropout=0.0",

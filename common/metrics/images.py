@@ -8,6 +8,7 @@ rather than raised inside a DataLoader worker, where it would become a traceback
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zipfile
@@ -105,3 +106,44 @@ def open_images(path: str) -> FolderImages | NpzImages:
     if os.path.isfile(path) and path.endswith(".npz"):
         return NpzImages(path)
     raise DataError(f"{path}: not a folder of images or an .npz image batch (arr_0 uint8 N x H x W x 3)")
+
+
+class NpzImageWriter:
+    """Writes an ADM-style `.npz` batch by batch: arr_0 uint8 (N, H, W, 3) of N = len(labels) images, then
+    the labels.
+
+    Stored uncompressed, so readers can memory-map arr_0. Used as a context manager: the file appears
+    (renamed) only when the block completes, and a failed block leaves nothing behind.
+    """
+
+    def __init__(self, path: str, labels: np.ndarray, height: int, width: int):
+        self.path, self.tmp = path, f"{path}.tmp{os.getpid()}"
+        self.labels = labels.astype(np.int64)
+        self.shape, self.written = (len(labels), height, width, 3), 0
+
+    def __enter__(self) -> NpzImageWriter:
+        self.archive = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.stream = self.archive.open("arr_0.npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self.stream, header)
+        return self
+
+    def add(self, images: np.ndarray) -> None:
+        self.stream.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+        self.written += images.shape[0]
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.stream.close()
+        if error_type is None and self.written != self.shape[0]:
+            raise RuntimeError(f"{self.path}: {self.written} images written, {self.shape[0]} announced")
+        if error_type is None:
+            buffer = io.BytesIO()
+            np.save(buffer, self.labels)
+            for name in ("labels.npy", "arr_1.npy"):
+                self.archive.writestr(name, buffer.getvalue())
+        self.archive.close()
+        if error_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.remove(self.tmp)

@@ -132,27 +132,29 @@ class ReconstructionMeter:
 @torch.no_grad()
 def reconstruction_metrics(model, loader, env: dist.DistEnv, inception=None, lpips=None,
                            desc: str = "reconstruct") -> dict:
-    """rFID (when an Inception network is given), PSNR, SSIM, LPIPS (when given) and per-depth codebook usage
-    of a tokenizer over a loader of {"image"} batches; collective under torchrun."""
+    """rFID (when an Inception network is given), PSNR, SSIM, LPIPS (when given) and, for a tokenizer with a
+    codebook, per-depth codebook usage, over a loader of {"image"} batches; collective under torchrun."""
     real = InceptionAccumulator(inception, "originals") if inception is not None else None
     fake = InceptionAccumulator(inception, "reconstructions") if inception is not None else None
     meter = ReconstructionMeter(lpips, env.device)
     counts = None
     for batch in tqdm(loader, desc=desc, disable=not env.is_main):
         x = batch["image"].to(env.device)
-        recon, _, codes = model(x)
+        recon, codes = model.reconstruct(x)
         recon = recon.clamp(-1, 1)
         if real is not None:
             real.add(x)
             fake.add(recon)
         meter.update(x, recon)
-        depth_codes = codes if codes.ndim == 4 else codes.unsqueeze(-1)  # (B, h, w, D); D = 1 without depth
-        batch_counts = torch.stack([code_counts(depth_codes[..., d], model.vocab_size)
-                                    for d in range(depth_codes.shape[-1])])
-        counts = batch_counts if counts is None else counts + batch_counts
-    counts = dist.all_reduce_sum(counts.to(env.device)).cpu()
+        if codes is not None:  # a continuous tokenizer has no codebook to count
+            depth_codes = codes if codes.ndim == 4 else codes.unsqueeze(-1)  # (B, h, w, D); D = 1 without depth
+            batch_counts = torch.stack([code_counts(depth_codes[..., d], model.vocab_size)
+                                        for d in range(depth_codes.shape[-1])])
+            counts = batch_counts if counts is None else counts + batch_counts
     results = {"rfid": fake.fid(real)} if real is not None else {}
     results.update(meter.compute())
-    for depth, depth_counts in enumerate(counts):
-        results.update({f"{k}_d{depth}": v for k, v in usage_from_counts(depth_counts).items()})
+    if counts is not None:
+        counts = dist.all_reduce_sum(counts.to(env.device)).cpu()
+        for depth, depth_counts in enumerate(counts):
+            results.update({f"{k}_d{depth}": v for k, v in usage_from_counts(depth_counts).items()})
     return results

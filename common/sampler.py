@@ -1,0 +1,98 @@
+"""Drawing images from a prior and its tokenizer: the flags every sampling script takes, and the Sampler.
+
+The knobs are the prior's own (its `SAMPLING_KNOBS`, see common/knobs.py), resolved from the
+command line, then the checkpoint's defaults. Conditioning is by class label (B,): an
+unconditional prior takes zeros. Batch g of a run draws from its own generator seeded by
+(seed, g), so a batch's images do not depend on which process draws it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from common.data import derive_seed
+from common.errors import ConfigError
+from common.knobs import Knob, add_knob_flags, given_knobs, resolve_knobs, split_assignments
+from common.tokenizer import Tokenizer
+
+
+def sampling_parser(description: str, knob_schemas: Iterable[Mapping[str, Knob]]) -> argparse.ArgumentParser:
+    """Checkpoints, every prior's knobs as flags, batch size, seed, weights, device and precision."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--model-vqvae-path", "--tokenizer", required=True,
+                        help="stage-1 tokenizer checkpoint (ours or official)")
+    parser.add_argument("-a", "--model-ar-path", "--prior", required=True,
+                        help="stage-2 prior checkpoint (ours or official)")
+    add_knob_flags(parser, knob_schemas)
+    parser.add_argument("-bs", "--batch-size", type=int, default=100, help="images per batch per process")
+    parser.add_argument("--seed", type=int, default=0, help="batch g draws from a generator seeded by (seed, g)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA")
+    parser.add_argument("--ema", action="store_true", help="accepted for compatibility: EMA is the default")
+    parser.add_argument("--device", default="auto", help="auto (cuda > cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="the prior's arithmetic: auto = bf16 autocast on CUDA, fp32 on CPU")
+    parser.epilog = ("Any sampling knob can also be given as key=value (e.g. top_k=250, num_iter=64); "
+                     "unset knobs take the checkpoint's defaults.")
+    return parser
+
+
+def parse_sampling_args(parser: argparse.ArgumentParser, argv: list[str] | None
+                        ) -> tuple[argparse.Namespace, list[str]]:
+    """(flags, knob assignments `name=value`) of a sampling command line."""
+    rest, assignments = split_assignments(sys.argv[1:] if argv is None else argv)
+    return parser.parse_args(rest), assignments
+
+
+@dataclass
+class Sampler:
+    """A tokenizer and a prior on one device with resolved sampling knobs: labels in, tokens and images out."""
+
+    tokenizer: Tokenizer
+    prior: torch.nn.Module
+    knobs: dict[str, Any]
+    use_ema: bool
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, seed: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, *token_shape) and images (B, 3, H, W) in [-1, 1] for class labels (B,)."""
+        generator = torch.Generator(self.device).manual_seed(derive_seed(seed, batch_index))
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            tokens = self.prior.generate(labels.to(self.device), generator=generator, **self.knobs)
+        return tokens, self.tokenizer.decode_tokens(tokens.float() if tokens.is_floating_point() else tokens
+                                                    ).float().clamp(-1, 1)
+
+    def folder_name(self) -> str:
+        """The knobs as a result-folder name, in the prior's own convention."""
+        return self.prior.knob_folder_name(self.knobs)
+
+    def describe(self) -> str:
+        knobs = ", ".join(f"{name.replace('_', '-')} {value}" for name, value in self.knobs.items())
+        return (f"{knobs}, {'EMA' if self.use_ema else 'raw'} weights, {self.autocast_dtype or torch.float32} "
+                f"on {self.device}")
+
+
+def build_sampler(args: argparse.Namespace, assignments: Iterable[str], device: torch.device, tokenizer: Tokenizer,
+                  prior: torch.nn.Module, defaults: Mapping[str, Any], source: str) -> Sampler:
+    """A Sampler with the knobs of the command line (flags and name=value), else the checkpoint's defaults."""
+    if args.batch_size < 1:
+        raise ConfigError(f"-bs/--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    knobs = resolve_knobs(prior.SAMPLING_KNOBS, given_knobs(args, assignments), defaults,
+                          getattr(prior, "code_depth", 1), f"{source} ({type(prior).__name__})")
+    guidance = next((name for name in ("cfg_scale", "cfg") if name in knobs), None)
+    if guidance and knobs[guidance] != 1.0 and getattr(prior, "null_class", 0) is None:
+        raise ConfigError(f"--cfg {knobs[guidance]}: {source} was not trained for classifier-free guidance "
+                          "(arch.cfg_null_class); use --cfg 1")
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    return Sampler(tokenizer.to(device), prior.to(device), knobs, bool(defaults.get("ema")), device,
+                   torch.bfloat16 if bf16 else None)

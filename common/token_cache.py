@@ -1,0 +1,124 @@
+"""Cached tokens on disk: fixed-size shards written atomically, read back as a training dataset.
+
+A shard `codes_{k:05d}.npz` holds the tokens of images [k * shard_size, (k + 1) * shard_size)
+of a split, with A augmentations per image (1, or 2 with the horizontal flip), `labels` (N,) and
+`indices` (N,). The tokens are, by the tokenizer's kind:
+
+- discrete: `codes` (N, A, *code_shape), int16 or int32 (whichever holds the vocabulary);
+- continuous: `moments` (N, A, 2C, h, w), float32, the posterior of each image: training draws a
+  fresh sample of it at every step, so the cache does not fix one sample per image.
+
+Shard k is written by rank k % world_size, so an interrupted extraction resumes by skipping
+finished shards, whatever the number of processes. The dataset keeps the stored dtype (codes
+become int64 indices, moments stay float32).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.config import Field
+from common.errors import DataError
+
+CODES_SCHEMA = {  # the `codes` section of a prior's config
+    "train": Field(str, None, doc="folder of token shards from scripts/extract_codes.py to train on instead of "
+                                  "images"),
+    "val": Field(str, None),
+}
+TOKENIZER_SCHEMA = {  # the `tokenizer` section of a prior's config
+    "ckpt": Field(str, None, doc="the tokenizer checkpoint (ours or official) whose tokens are modelled"),
+}
+
+
+def shard_path(directory: str, shard: int) -> str:
+    return os.path.join(directory, f"codes_{shard:05d}.npz")
+
+
+def write_shard(directory: str, shard: int, tokens: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
+    """Write one shard atomically (temporary file, then rename): integer tokens as `codes`, float ones as
+    `moments` (float32)."""
+    os.makedirs(directory, exist_ok=True)
+    path = shard_path(directory, shard)
+    tmp = f"{path}.tmp.npz"
+    if np.issubdtype(tokens.dtype, np.floating):
+        stored = {"moments": tokens.astype(np.float32)}
+    else:
+        stored = {"codes": tokens.astype(np.int16 if tokens.max(initial=0) < 2**15 else np.int32)}
+    np.savez(tmp, **stored, labels=labels.astype(np.int64), indices=indices.astype(np.int64))
+    os.replace(tmp, path)
+
+
+def write_meta(directory: str, meta: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_meta(directory: str) -> dict:
+    path = os.path.join(directory, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{directory}: no meta.json; extract codes with scripts/extract_codes.py first")
+    with open(path) as f:
+        return json.load(f)
+
+
+class CachedTokens(Dataset):
+    """Tokens of a split, all shards in memory; each item picks one of its stored augmentations.
+
+    The augmentation of item i in epoch e is drawn from a generator seeded by (seed, e, i), so it does
+    not depend on workers or processes and a resumed run sees the same data. Items are
+    `{"codes": int64 (*code_shape)}` or `{"moments": float32 (2C, h, w)}`, with "label" and "skipped".
+    """
+
+    def __init__(self, directory: str, seed: int = 0):
+        self.directory = directory
+        self.meta = read_meta(directory)
+        paths = sorted(glob.glob(os.path.join(directory, "codes_*.npz")))
+        expected = self.meta["num_shards"]
+        if len(paths) != expected:
+            raise DataError(f"{directory}: {len(paths)} of {expected} code shards present; "
+                            "finish the extraction (rerun scripts/extract_codes.py, it resumes)")
+        shards = [np.load(p) for p in paths]
+        self.key = "moments" if "moments" in shards[0] else "codes"
+        self.tokens = torch.from_numpy(np.concatenate([s[self.key] for s in shards]))
+        self.labels = torch.from_numpy(np.concatenate([s["labels"] for s in shards]))
+        self.seed = seed
+        self.epoch = 0
+
+    def check_tokenizer(self, tokenizer: torch.nn.Module) -> None:
+        """Refuse tokens another tokenizer made: kind, shape and (codes) vocabulary must be the given one's.
+        One scan of the cache at load time, instead of a check on every training batch."""
+        if tokenizer.kind == "discrete":
+            stored, wanted = tuple(self.tokens.shape[2:]), tuple(tokenizer.code_shape)
+            fits = self.key == "codes" and stored == wanted and (
+                self.tokens.numel() == 0 or (int(self.tokens.min()) >= 0 and int(self.tokens.max()) < tokenizer.vocab_size))
+            what = f"codes of shape {list(wanted)} in [0, {tokenizer.vocab_size})"
+        else:
+            channels, h, w = tokenizer.token_shape
+            stored, wanted = tuple(self.tokens.shape[2:]), (2 * channels, h, w)
+            fits = self.key == "moments" and stored == wanted
+            what = f"posterior moments of shape {list(wanted)}"
+        if not fits:
+            raise DataError(f"{self.directory}: the cached {self.key} (shape {list(stored)}) are not what the "
+                            f"tokenizer makes ({what}); extract them again with this tokenizer")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: int) -> dict:
+        num_aug = self.tokens.shape[1]
+        choice = 0
+        if num_aug > 1:
+            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            choice = int(torch.randint(num_aug, (), generator=generator))
+        tokens = self.tokens[index, choice]
+        return {self.key: tokens.long() if self.key == "codes" else tokens, "label": int(self.labels[index]),
+                "skipped": 0}

@@ -1,0 +1,1 @@
+"""MAR: masked autoregression over continuous KL-16 VAE latents with a per-token diffusion loss."""
