@@ -41,12 +41,11 @@ from typing import Any, Callable
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from common import dist
 from common.checkpoint import is_our_checkpoint, load_file, save_checkpoint, strict_load
 from common.config import Config, apply_overrides, parse_overrides, read_yaml, validate
-from common.data import build_dataset_from_config, to_uint8
+from common.data import build_dataset_from_config
 from common.errors import CheckpointError, ConfigError, DataError, WeightsError, cli_entry
 from common.knobs import resolve_knobs
 from common.launch import run_training
@@ -56,7 +55,7 @@ from common.metrics.fidelity import check_image_count, write_atomic
 from common.metrics.images import NpzImages, NpzImageWriter
 from common.metrics.inception import LOGITS, POOL
 from common.metrics.reference import DEFAULT_STATS_DIR, resolve_reference
-from common.sampler import Sampler
+from common.sampler import Sampler, sample_in_shards
 from common.trainer import steps_per_epoch
 from mar.cache import CachedLatents
 from mar.model import MAR
@@ -322,19 +321,13 @@ def generate(sampler: Sampler, labels: torch.Tensor, batch_size: int, seed: int,
              folder: str) -> str:
     """All ranks draw their batches; rank 0 writes <id:05d>.png and samples.npz. The last step is padded
     with class 0, and images past the last label are dropped, as officially. Returns the npz path."""
-    count, per_step = len(labels), batch_size * env.world_size
-    steps = -(-count // per_step)
-    padded = torch.cat([labels, labels.new_zeros(steps * per_step - count)])
     npz = os.path.join(folder, "samples.npz")
     writer = NpzImageWriter(npz, labels.numpy(), size, size) if env.is_main else contextlib.nullcontext()
     with writer:
-        for step in tqdm(range(steps), desc="generating", unit="batch", disable=not env.is_main):
-            batch = step * env.world_size + env.rank
-            _, images = sampler.generate(padded[batch * batch_size:(batch + 1) * batch_size], seed, batch)
-            pixels = dist.all_gather_cat(to_uint8(images).to(env.device)).cpu().numpy()[:count - step * per_step]
+        for first, _, pixels in sample_in_shards(sampler, labels, batch_size, seed, env):
             if env.is_main:
                 for offset, image in enumerate(pixels):
-                    Image.fromarray(image).save(os.path.join(folder, f"{step * per_step + offset:05d}.png"))
+                    Image.fromarray(image).save(os.path.join(folder, f"{first + offset:05d}.png"))
                 writer.add(pixels)
     dist.barrier()
     return npz

@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from common import dist
-from common.data import save_image_grid, to_uint8
+from common.data import save_image_grid
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics import (FIDStatistics, InceptionAccumulator, find_inception_weights, frechet_distance,
                             inception_score, load_inception)
@@ -44,7 +43,7 @@ from common.metrics.fidelity import check_image_count, write_atomic
 from common.metrics.images import NpzImageWriter
 from common.metrics.inception import LOGITS, POOL
 from common.metrics.reference import DEFAULT_STATS_DIR, resolve_reference
-from common.sampler import Sampler, parse_sampling_args, sampling_parser
+from common.sampler import Sampler, parse_sampling_args, sample_in_shards, sampling_parser
 from methods import load_sampler, sampling_knob_schemas
 
 #################################################################################
@@ -136,25 +135,20 @@ def sample_and_save(args: argparse.Namespace, env: dist.DistEnv, sampler: Sample
                     out_dir: str, accumulator: InceptionAccumulator | None) -> float:
     """Every rank samples its batches (and their Inception features); rank 0 gathers and writes the images.
     Returns the seconds it took."""
-    per_step = args.batch_size * env.world_size
     size = sampler.tokenizer.image_size
     writer = (NpzImageWriter(os.path.join(out_dir, "samples.npz"), labels.numpy(), size, size) if env.is_main
               else contextlib.nullcontext())
     start = time.perf_counter()
     with writer:
-        for step in tqdm(range(args.n_samples // per_step), desc="sampling", unit="batch", disable=not env.is_main):
-            batch_index = step * env.world_size + env.rank
-            batch_labels = labels[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]
-            _, images = sampler.generate(batch_labels, args.seed, batch_index)
+        for first, images, pixels in sample_in_shards(sampler, labels, args.batch_size, args.seed, env):
             if accumulator is not None:
                 accumulator.add(images)
-            pixels = dist.all_gather_cat(to_uint8(images).to(env.device)).cpu().numpy()  # (world * bs, H, W, 3)
             if not env.is_main:
                 continue
-            if step == 0:
+            if first == 0:
                 save_image_grid(images_from_uint8(pixels[:100]), os.path.join(out_dir, "grid.png"))
             for offset, image in enumerate(pixels):
-                Image.fromarray(image).save(os.path.join(out_dir, "samples", f"{step * per_step + offset:05d}.png"))
+                Image.fromarray(image).save(os.path.join(out_dir, "samples", f"{first + offset:05d}.png"))
             writer.add(pixels)
     return time.perf_counter() - start
 

@@ -11,11 +11,14 @@ import argparse
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
-from common.data import derive_seed
+from common import dist
+from common.data import derive_seed, to_uint8
 from common.errors import ConfigError
 from common.knobs import Knob, add_knob_flags, given_knobs, resolve_knobs, split_assignments
 from common.tokenizer import Tokenizer
@@ -96,3 +99,19 @@ def build_sampler(args: argparse.Namespace, assignments: Iterable[str], device: 
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     return Sampler(tokenizer.to(device), prior.to(device), knobs, bool(defaults.get("ema")), device,
                    torch.bfloat16 if bf16 else None)
+
+
+def sample_in_shards(sampler: Sampler, labels: torch.Tensor, batch_size: int, seed: int, env: dist.DistEnv
+                     ) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+    """Every rank draws its batches of `labels` (batch g = step * world + rank, from its own generator) and
+    the uint8 images of the step are gathered. Yields (index of the step's first image, this rank's images
+    (B, 3, H, W), the step's pixels (n, H, W, 3) in image order). The last step is padded with class 0 and
+    its images past the last label are dropped."""
+    count, per_step = len(labels), batch_size * env.world_size
+    steps = -(-count // per_step)
+    padded = torch.cat([labels, labels.new_zeros(steps * per_step - count)])
+    for step in tqdm(range(steps), desc="sampling", unit="batch", disable=not env.is_main):
+        batch = step * env.world_size + env.rank
+        _, images = sampler.generate(padded[batch * batch_size:(batch + 1) * batch_size], seed, batch)
+        pixels = dist.all_gather_cat(to_uint8(images).to(env.device)).cpu().numpy()  # (world * bs, H, W, 3)
+        yield step * per_step, images, pixels[:count - step * per_step]

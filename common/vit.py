@@ -27,12 +27,17 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C), or only the positions `keep` (B, Q) -> (B, Q, C). The attention itself still
+        runs for every query: a fused kernel may round a handful of queries differently from a full set, and
+        the kept outputs should be those of the full pass; the projection is what is saved."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, T, hd) each
-        out = bidirectional_attention(q, k, v, self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(merge_heads(out)))
+        out = merge_heads(bidirectional_attention(q, k, v, self.attn_drop if self.training else 0.0))  # (B, T, C)
+        if keep is not None:
+            out = gather_positions(out, keep)  # (B, Q, C)
+        return self.proj_drop(self.proj(out))
 
 
 class Mlp(nn.Module):
@@ -61,6 +66,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `keep` (B, Q) only those positions' outputs (B, Q, C), which is all a last
+        block owes when only some positions are read (the MLP is skipped for the rest)."""
+        attended = self.attn(self.norm1(x), keep)
+        x = (x if keep is None else gather_positions(x, keep)) + attended
         return x + self.mlp(self.norm2(x))
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C) at positions (B, Q) -> (B, Q, C)."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))

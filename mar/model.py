@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from common.config import validate
 from common.errors import ConfigError, DataError
 from common.knobs import Knob
-from common.vit import Block
+from common.vit import Block, gather_positions
 from mar.diffloss import DiffLoss
 from mar.schema import MAR_ARCH
 
@@ -164,12 +164,14 @@ class MAR(nn.Module):
     # Encoder and decoder
     # ------------------------------------------------------------------------------------------
 
-    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) through `blocks`; with `keep` (B, Q) the last block gives only those positions (B, Q, D)."""
+        for i, block in enumerate(blocks):
+            last = keep if i == len(blocks) - 1 else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, last, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, last)
         return x
 
     def encode(self, tokens: torch.Tensor, visible: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
@@ -182,21 +184,32 @@ class MAR(nn.Module):
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned[0, self.with_buffer(visible)])
         return self.encoder_norm(self.run_blocks(self.encoder_blocks, x))
 
-    def decode(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Encoder output (B, buffer + V, D_enc) -> z (B, L, D_dec): the DiffLoss condition of every position."""
+    def decode(self, x: torch.Tensor, visible: torch.Tensor, predict: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder output (B, buffer + V, D_enc) -> z (B, L, D_dec): the DiffLoss condition of every position,
+        or with `predict` (B, k) only of those positions (B, k, D_dec), which spares the last block the rest."""
         x = self.decoder_embed(x)  # (B, buffer + V, D_dec)
         B, D = x.shape[0], x.shape[-1]
         slots = self.mask_token.to(x.dtype).expand(B, self.buffer_size + self.seq_len, D)
         x = slots.scatter(1, self.with_buffer(visible)[..., None].expand(-1, -1, D), x)  # (B, buffer + L, D_dec)
-        x = self.decoder_norm(self.run_blocks(self.decoder_blocks, x + self.decoder_pos_embed_learned))
-        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned  # (B, L, D_dec)
+        x = x + self.decoder_pos_embed_learned
+        if predict is None:
+            x = self.decoder_norm(self.run_blocks(self.decoder_blocks, x))
+            return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned  # (B, L, D_dec)
+        if len(self.decoder_blocks):
+            x = self.run_blocks(self.decoder_blocks, x, keep=predict + self.buffer_size)  # (B, k, D_dec)
+        else:
+            x = gather_positions(x, predict + self.buffer_size)
+        return self.decoder_norm(x) + self.diffusion_pos_embed_learned[0, predict]  # (B, k, D_dec)
 
-    def conditions(self, tokens: torch.Tensor, visible: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+    def conditions(self, tokens: torch.Tensor, visible: torch.Tensor, class_embedding: torch.Tensor,
+                   predict: torch.Tensor | None = None) -> torch.Tensor:
         """z (B', L, D_dec) of tokens (B, L, C) known at `visible` (B, V), for each of B' = B or 2B class
-        embeddings (B', D_enc): with 2B, the tokens serve both halves."""
+        embeddings (B', D_enc): with 2B, the tokens serve both halves. With `predict` (B, k), only the z of
+        those positions (B', k, D_dec)."""
         repeat = class_embedding.shape[0] // tokens.shape[0]
         tokens, visible = tokens.repeat(repeat, 1, 1), visible.repeat(repeat, 1)
-        return self.decode(self.encode(tokens, visible, class_embedding), visible)
+        predict = None if predict is None else predict.repeat(repeat, 1)
+        return self.decode(self.encode(tokens, visible, class_embedding), visible, predict)
 
     def class_embedding(self, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
         """(B, D_enc): the labels' rows of the class table, or `fake_latent` for every sample without labels."""
@@ -277,7 +290,6 @@ class MAR(nn.Module):
         masked = L  # positions orders[:, :masked] are still unknown
         for step in range(num_iter):
             visible = orders[:, masked:].sort(dim=1).values  # (B, L - masked)
-            z = self.conditions(tokens, visible, class_embedding)  # (B or 2B, L, D_dec)
             left = self.masked_after(step, num_iter, masked)
             start = 0 if step == num_iter - 1 else left  # the last step takes every token still masked
             predict = orders[:, start:masked].sort(dim=1).values  # (B, k), ascending as the reference gathers
@@ -286,8 +298,7 @@ class MAR(nn.Module):
             k = predict.shape[1]
             if k == 0:  # more steps than tokens: nothing left for this one
                 continue
-            rows = predict.repeat(z.shape[0] // B, 1)
-            z = z.gather(1, rows[..., None].expand(-1, -1, z.shape[-1])).flatten(0, 1)  # (B k or 2 B k, D_dec)
+            z = self.conditions(tokens, visible, class_embedding, predict).flatten(0, 1)  # (B k or 2 B k, D_dec)
             sampled = self.diffloss.sample(z, temperature, scale, num_sampling_steps, generator)[:B * k]
             tokens = tokens.scatter(1, predict[..., None].expand(-1, -1, C), sampled.view(B, k, C))
         return self.unpatchify(tokens)

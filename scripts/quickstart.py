@@ -62,11 +62,12 @@ def shapes_val(fast: bool):
     return build_dataset("shapes", "val", resolution=32, num_samples=40 if fast else 1000)
 
 
-def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEnv, inception, fast: bool):
-    """Train a tiny tokenizer on shapes; score and draw its reconstructions of the validation shapes."""
+def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEnv, inception, fast: bool,
+                              full_run: tuple[str, ...] = ("dataset.num_samples=3200", "experiment.epochs=3")):
+    """Train a tiny tokenizer on shapes (`full_run` overrides, or a few steps with `fast`); score and draw its
+    reconstructions of the validation shapes."""
     runs = os.path.join(out, "runs")
-    overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
-        ["dataset.num_samples=3200", "experiment.epochs=3"]
+    overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else list(full_run)
     main_stage1.main(["-m", config, "-r", runs, "--device", str(env.device), *overrides])
     checkpoint = os.path.join(runs, name, "last.pt")
     tokenizer, _ = load_tokenizer(checkpoint)
@@ -154,7 +155,7 @@ def run_mar(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
     """MAR: the tiny KL VAE on shapes, its latents cached in the official layout (main_cache.py), the tiny
     MAR trained on the cache with main_mar.py, then samples (8 autoregressive steps)."""
     stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/kl-vae.yaml", "kl-vae",
-                                                                      out, env, inception, fast)
+                                                                      out, env, inception, fast, full_run=())
     cache, run = os.path.join(out, "cache"), os.path.join(out, "runs", "mar")
     main_cache.main(["--dataset", "shapes", "--num_images", "320" if fast else "2000", "--img_size", "32",
                      "--vae_path", stage1, "--vae_embed_dim", str(tokenizer.channels), "--cached_path", cache,

@@ -29,3 +29,15 @@ def test_quickstart_fast_next_patch_prediction_on_its_own_tokenizer(tmp_path):
     assert metrics["npp"]["tokenizer"].endswith("lfq/last.pt") and "fid_skipped" in metrics
     for name in ("samples_cfg1.png", "samples_cfg3.png", "runs/lfq/last.pt", "runs/npp-gpt/last.pt"):
         assert (out / "npp" / name).is_file()
+
+
+def test_quickstart_fast_mar_caches_latents_trains_and_samples(tmp_path):
+    out = tmp_path / "quickstart"
+    result = run_cli("scripts/quickstart.py", "--fast", "--method", "mar", "--output", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.load(open(out / "metrics.json"))
+    recon = metrics["mar"]["stage1_reconstruction"]
+    assert recon["psnr"] > 5 and not any(key.startswith("usage") for key in recon)  # a KL VAE has no codebook
+    for name in ("reconstructions.png", "samples_cfg1.png", "samples_cfg3.png", "runs/kl-vae/last.pt",
+                 "runs/mar/last.pt", "cache/00_circle"):
+        assert (out / "mar" / name).exists()
