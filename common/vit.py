@@ -67,8 +67,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); with `keep` (B, Q) only those positions' outputs (B, Q, C), which is all a last
-        block owes when only some positions are read (the MLP is skipped for the rest)."""
+        """(B, T, C) -> (B, T, C); with `keep` (B, Q) only those positions' outputs (B, Q, C): when a last block's
+        output is read at a few positions, the projection and MLP of the others would be thrown away."""
         attended = self.attn(self.norm1(x), keep)
         x = (x if keep is None else gather_positions(x, keep)) + attended
         return x + self.mlp(self.norm2(x))

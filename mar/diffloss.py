@@ -130,36 +130,23 @@ class SimpleMLPAdaLN(nn.Module):
                 h = block(h, y)
         return self.final_layer(h, y)
 
-    def modulation_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every adaLN projection as one Linear of SiLU(y): weight (M, W) and bias (M,), M = (3 depth + 2) W. Its
-        rows are each block's shift and gate, the final layer's shift, then all the scales, so that one addition
-        turns every scale into 1 + scale."""
-        firsts, scales = [], []
-        for layer, parts in [(block.adaLN_modulation[-1], 3) for block in self.res_blocks] + [
-                (self.final_layer.adaLN_modulation[-1], 2)]:
-            shift, scale, *gate = zip(layer.weight.chunk(parts), layer.bias.chunk(parts))
-            firsts += [shift, *gate]
-            scales.append(scale)
-        weights, biases = zip(*firsts, *scales)
-        return torch.cat(weights), torch.cat(biases)
+    def modulations(self, y: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """y = time + condition embedding (N, W) -> per res block (shift, 1 + scale, gate), then the final layer's
+        (shift, 1 + scale), each (N, W): all the blocks take from y, none of which depends on x_t."""
+        y = F.silu(y)  # every adaLN_modulation starts with it
+        parts = []
+        for layer in [block.adaLN_modulation[-1] for block in self.res_blocks] + [
+                self.final_layer.adaLN_modulation[-1]]:
+            shift, scale, *gate = layer(y).chunk(layer.out_features // y.shape[1], dim=-1)
+            parts.append((shift, scale.add_(1), *gate))
+        return parts
 
-    def modulations(self, y: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """y (N, W) -> (N, M): the modulation of every block at once (`layer` from modulation_layer), scales plus
-        one. The products are those of the blocks' own Linears, so the values are bit-identical."""
-        modulation = F.linear(F.silu(y), *layer)
-        modulation[:, (2 * len(self.res_blocks) + 1) * y.shape[1]:].add_(1)
-        return modulation
-
-    def denoise_modulated(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-        """`denoise` with the modulation computed beforehand (`modulations`, one row per row of x); no autograd."""
-        W, depth = self.input_proj.out_features, len(self.res_blocks)
-        scales = (2 * depth + 1) * W
+    def denoise_modulated(self, x: torch.Tensor, modulations: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """`denoise` with the modulations computed beforehand (`modulations`, rows as x); no autograd."""
         h = self.input_proj(x)  # (N, W)
-        for i, block in enumerate(self.res_blocks):
-            h = block.modulated_(h, modulation[:, 2 * i * W:(2 * i + 1) * W],
-                                 modulation[:, scales + i * W:scales + (i + 1) * W],
-                                 modulation[:, (2 * i + 1) * W:(2 * i + 2) * W])
-        return self.final_layer.modulated(h, modulation[:, 2 * depth * W:scales], modulation[:, scales + depth * W:])
+        for block, (shift, scale_plus_one, gate) in zip(self.res_blocks, modulations):
+            h = block.modulated_(h, shift, scale_plus_one, gate)
+        return self.final_layer.modulated(h, *modulations[-1])
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, cfg_scale: float
                          ) -> torch.Tensor:
@@ -255,17 +242,17 @@ class DiffLoss(nn.Module):
         steps = diffusion.original_step(torch.arange(diffusion.num_steps, device=z.device))
         t_emb = self.net.time_embed(steps)  # (K, W)
         z_emb = self.net.cond_embed(z)  # (rows, W)
-        layer = self.net.modulation_layer()
         steps_per_product = max(1, MODULATION_ROWS // rows)
-        modulations: dict[int, torch.Tensor] = {}
+        modulations: dict[int, list[tuple[torch.Tensor, ...]]] = {}
 
-        def modulation(k: int) -> torch.Tensor:
-            if k not in modulations:  # the loop runs k = K-1 down to 0: compute steps first..k
+        def modulation(k: int) -> list[tuple[torch.Tensor, ...]]:
+            if k not in modulations:  # the loop runs k = K-1 down to 0: compute steps first..k in one go
                 first = max(0, k - steps_per_product + 1)
                 y = (z_emb + t_emb[first:k + 1, None]).flatten(0, 1)  # ((k + 1 - first) rows, W)
-                chunk = self.net.modulations(y, layer).view(k + 1 - first, rows, -1)
+                parts = self.net.modulations(y)
                 modulations.clear()
-                modulations.update({first + i: chunk[i] for i in range(len(chunk))})
+                for i in range(k + 1 - first):
+                    modulations[first + i] = [tuple(part[i * rows:(i + 1) * rows] for part in block) for block in parts]
             return modulations[k]
 
         def model(x: torch.Tensor, k: int) -> torch.Tensor:

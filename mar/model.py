@@ -166,6 +166,8 @@ class MAR(nn.Module):
 
     def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D) through `blocks`; with `keep` (B, Q) the last block gives only those positions (B, Q, D)."""
+        if keep is not None and not len(blocks):
+            return gather_positions(x, keep)
         for i, block in enumerate(blocks):
             last = keep if i == len(blocks) - 1 else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -191,15 +193,11 @@ class MAR(nn.Module):
         B, D = x.shape[0], x.shape[-1]
         slots = self.mask_token.to(x.dtype).expand(B, self.buffer_size + self.seq_len, D)
         x = slots.scatter(1, self.with_buffer(visible)[..., None].expand(-1, -1, D), x)  # (B, buffer + L, D_dec)
-        x = x + self.decoder_pos_embed_learned
+        keep = None if predict is None else predict + self.buffer_size
+        x = self.decoder_norm(self.run_blocks(self.decoder_blocks, x + self.decoder_pos_embed_learned, keep))
         if predict is None:
-            x = self.decoder_norm(self.run_blocks(self.decoder_blocks, x))
             return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned  # (B, L, D_dec)
-        if len(self.decoder_blocks):
-            x = self.run_blocks(self.decoder_blocks, x, keep=predict + self.buffer_size)  # (B, k, D_dec)
-        else:
-            x = gather_positions(x, predict + self.buffer_size)
-        return self.decoder_norm(x) + self.diffusion_pos_embed_learned[0, predict]  # (B, k, D_dec)
+        return x + self.diffusion_pos_embed_learned[0, predict]  # (B, k, D_dec)
 
     def conditions(self, tokens: torch.Tensor, visible: torch.Tensor, class_embedding: torch.Tensor,
                    predict: torch.Tensor | None = None) -> torch.Tensor:
