@@ -3,12 +3,19 @@
     python compute_metrics.py --fake SAMPLES --ref REFERENCE [--metrics fid,isc,prc] [--inception-weights FILE]
     python compute_metrics.py fake_path=SAMPLES ref_dataset=imagenet     # the official RQ-VAE form
     python compute_metrics.py --fake FOLDER --save-stats OUT.npz         # reference statistics, computed once
+    python compute_metrics.py --fake SAMPLES --metrics shapes            # built-in shapes: no --ref, no Inception
     torchrun --nproc_per_node 8 compute_metrics.py --fake ... --ref ...  # features extracted in 8 shards
 
 SAMPLES is a folder of images or an ADM .npz batch (arr_0 uint8 N x H x W x 3). REFERENCE is the same,
 a statistics .npz (mu, sigma), or a name of REFERENCE_STATS looked up under --stats-dir. Prints one
 table and writes metrics.json beside the samples (SAMPLES/metrics.json, or NAME.metrics.json beside
 NAME.npz).
+
+--metrics shapes scores 32x32 samples of the built-in shapes with the built-in shapes classifier
+(trained once, cached in --cache-dir) against the shapes val split: class accuracy, Fréchet
+distance, precision and recall in its feature space (not Inception FID). The intended classes come
+from an .npz's `labels` (or `arr_1`) array, or from a folder's file names (`star_00012.png`,
+`star/00012.png` or `7/00012.png`); without them there is no accuracy.
 """
 from __future__ import annotations
 
@@ -16,18 +23,24 @@ import argparse
 import json
 import os
 
+import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 
 from common import dist
-from common.errors import ConfigError, cli_entry
+from common.errors import ConfigError, DataError, cli_entry
+from common.flags import at_least
 from common.metrics import (FIDStatistics, InceptionAccumulator, extract_features, find_inception_weights,
                             frechet_distance, load_inception, open_images, precision_recall)
 from common.metrics.fidelity import check_feature_dims, check_image_count, write_atomic
 from common.metrics.inception import INCEPTION_NAME, POOL, POOL_DIM
 from common.metrics.reference import DEFAULT_STATS_DIR, REFERENCE_STATS, Reference, resolve_reference
+from common.metrics.shapes import ShapesEvaluator, sample_labels
+from common.metrics.shapes_classifier import CACHE_ENV, RESOLUTION
+from common.paths import check_output_file
 
-METRICS = ("fid", "isc", "prc")
+SHAPES = "shapes"
+METRICS = ("fid", "isc", "prc", SHAPES)
 FID_50K = 50_000
 BACKEND = f"torch-fidelity {torch_fidelity.__version__} {INCEPTION_NAME}"
 
@@ -40,14 +53,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ref", help="reference: a folder, an .npz batch, a statistics .npz, or a name: "
                                       + ", ".join(REFERENCE_STATS))
     parser.add_argument("--metrics", help="comma-separated, from " + ",".join(METRICS) + " (default fid,isc; "
-                                          "none without a reference)")
+                                          "none without a reference); shapes alone, without --ref: the "
+                                          "built-in shapes evaluator, labels from an .npz 'labels' array or "
+                                          "from file names (star_00012.png, star/ or 7/ folders)")
     parser.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth "
                                                     "(default: torch's hub cache)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch per process")
-    parser.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
+    parser.add_argument("--batch-size", type=at_least(1), default=64, help="images per batch per process")
+    parser.add_argument("--num-workers", type=at_least(0), default=4, help="image-decoding workers per process")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--stats-dir", default=DEFAULT_STATS_DIR, help="where named reference statistics live")
     parser.add_argument("--save-stats", metavar="OUT.npz", help="also write mu/sigma of --fake to this file")
+    parser.add_argument("--cache-dir", help=f"where the shapes classifier is cached (default ${CACHE_ENV}, "
+                                            "else ~/.cache/argen); trained there once when missing")
     args = parser.parse_args(argv)
     for token in args.official:
         key, _, value = token.partition("=")
@@ -56,15 +73,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         setattr(args, "fake" if key == "fake_path" else "ref", value)
     if not args.fake:
         raise ConfigError("no generated images given: pass --fake SAMPLES (or fake_path=SAMPLES)")
-    if not args.ref and not args.save_stats:
-        raise ConfigError("no reference given: pass --ref REFERENCE (or ref_dataset=NAME), "
-                          "or only --save-stats OUT.npz to write the statistics of --fake")
     requested = args.metrics if args.metrics is not None else ("fid,isc" if args.ref else "")
     args.metrics = [name.strip() for name in requested.split(",") if name.strip()]
+    if SHAPES in args.metrics and (len(args.metrics) > 1 or args.ref or args.save_stats):
+        raise ConfigError("--metrics shapes runs alone and scores against the built-in shapes val split: drop --ref, "
+                          "--save-stats and other metrics (score those in a second run)")
+    if not args.ref and not args.save_stats and args.metrics != [SHAPES]:
+        raise ConfigError("no reference given: pass --ref REFERENCE (or ref_dataset=NAME), "
+                          "or only --save-stats OUT.npz to write the statistics of --fake")
     if set(args.metrics) - set(METRICS) or (args.ref and not args.metrics):
         raise ConfigError(f"--metrics {requested}: choose from {','.join(METRICS)}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.save_stats:
+        check_output_file(args.save_stats, "--save-stats")
     return args
 
 
@@ -110,6 +130,10 @@ def print_table(results: dict) -> None:
         reference_images = results["reference_images"]
         rows.append(("precision", f"{results['precision']:.4f}", images, reference_images, backend, size))
         rows.append(("recall", f"{results['recall']:.4f}", images, reference_images, backend, size))
+    for key, name in (("shapes_accuracy", "shapes accuracy"), ("shapes_fd", "shapes FD"),
+                      ("shapes_precision", "shapes precision"), ("shapes_recall", "shapes recall")):
+        if key in results:
+            rows.append((name, f"{results[key]:.4f}", images, reference, "shapes classifier", size))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for index, row in enumerate(rows):
         print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -134,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     """Compute the metrics; on rank 0 print the table, write metrics.json and return the results."""
     args = parse_args(argv)
     fake = open_images(args.fake)
+    if args.metrics == [SHAPES]:
+        return score_shapes(args, fake)
     reference = resolve_reference(args.ref, args.stats_dir) if args.ref else None
     check_metrics(args.metrics, args.fake, fake, reference)
     if args.save_stats:
@@ -183,6 +209,51 @@ def score(args: argparse.Namespace, env: dist.DistEnv, reference: Reference | No
                                                                    ref_pool.to(env.device))
         results["reference_images"] = f"{reference.path} ({len(ref_pool)} images)"
     return results
+
+
+class ImageCollector:
+    """`extract_features`' accumulator for the shapes evaluator, which takes the images themselves:
+    keeps this rank's uint8 batches until `gather`."""
+
+    def __init__(self):
+        self.chunks: list[torch.Tensor] = []
+
+    def add(self, images: torch.Tensor) -> None:
+        self.chunks.append(images)
+
+    def gather(self, device: torch.device) -> torch.Tensor:
+        """(N, 3, H, W) uint8 of all ranks, in dataset order; collective under torchrun."""
+        local = torch.cat(self.chunks) if self.chunks else torch.zeros(0, 3, RESOLUTION, RESOLUTION, dtype=torch.uint8)
+        return dist.all_gather_cat(local.to(device)).cpu()
+
+
+def score_shapes(args: argparse.Namespace, fake: Dataset) -> dict | None:
+    """--metrics shapes: every rank reads its shard of the images, rank 0 scores them with the shapes evaluator."""
+    if tuple(fake.size) != (RESOLUTION, RESOLUTION):
+        raise DataError(f"{args.fake}: the shapes evaluator scores {RESOLUTION}x{RESOLUTION} images, "
+                        f"got {fake.size[0]}x{fake.size[1]}")
+    check_image_count("prc", len(fake), args.fake)
+    labels, labels_source = sample_labels(args.fake, fake)
+    env = dist.setup(args.device)
+    try:
+        collector = ImageCollector()
+        resized = extract_features(fake, collector, env, args.batch_size, args.num_workers, desc=args.fake)
+        images = collector.gather(env.device)
+        if not env.is_main:
+            return None
+        evaluator = ShapesEvaluator.load_or_train(args.cache_dir, env.device)
+        results = {"num_images": len(images), "reference": evaluator.reference, **evaluator.score(images, labels),
+                   "labels": labels_source, "image_size": image_size(fake, resized), "backend": evaluator.describe()}
+        notes = ["shapes FD, precision and recall are measured in the shapes classifier's features, "
+                 "not Inception's: they are not FID and compare only with other shapes scores"]
+        if labels is None:
+            notes.append("no intended classes (an .npz 'labels' array or class names in the file names): "
+                         "no shapes accuracy")
+        report(args, results, None, notes)
+        return results
+    finally:
+        dist.barrier()
+        dist.cleanup()
 
 
 def report(args: argparse.Namespace, results: dict, fake_stats: FIDStatistics | None, notes: list[str]) -> None:

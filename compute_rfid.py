@@ -19,8 +19,10 @@ import time
 from common import dist
 from common.data import build_dataset_from_config, build_loader
 from common.errors import UserError, cli_entry
+from common.flags import at_least
 from common.losses import LPIPS
 from common.metrics import find_inception_weights, load_inception, reconstruction_metrics
+from common.paths import check_output_dir
 from methods import load_tokenizer
 
 
@@ -30,14 +32,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tokenizer checkpoint (ours or official; any kind)")
     parser.add_argument("--config", default=None, help="config of an official checkpoint that does not sit beside it")
     parser.add_argument("--split", default="val", help="val (default) or train")
-    parser.add_argument("--batch-size", type=int, default=100, help="per process")
+    parser.add_argument("--batch-size", type=at_least(1), default=100, help="per process")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: the config's dataset.root)")
-    parser.add_argument("--num-images", type=int, default=None, help="score an evenly spaced subset of this size")
+    parser.add_argument("--num-images", type=at_least(1), default=None,
+                        help="score an evenly spaced subset of this size")
     parser.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
     parser.add_argument("--vgg-weights", default=None, help="vgg16-397923af.pth for LPIPS (skipped with --no-lpips)")
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no VGG weights needed)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--num-workers", type=at_least(0), default=4)
     return parser.parse_args(argv)
 
 
@@ -46,12 +49,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.split not in ("val", "train"):
         raise UserError(f"--split must be val or train, got {args.split!r}")
+    check_output_dir(os.path.dirname(os.path.abspath(args.vqvae)), "the folder of --vqvae (rfid.json goes there)")
     env = dist.setup(args.device)
-    inception = load_inception(find_inception_weights(args.inception_weights), env.device)
-    lpips = None if args.no_lpips else LPIPS(args.vgg_weights).to(env.device)
-
     model, config = load_tokenizer(args.vqvae, args.config)
     model = model.to(env.device)
+    inception = load_inception(find_inception_weights(args.inception_weights), env.device)
+    lpips = None if args.no_lpips else LPIPS(args.vgg_weights).to(env.device)
     dataset_cfg = dict(config["dataset"])
     if args.data_root:
         dataset_cfg["root"] = args.data_root

@@ -31,6 +31,7 @@ import torch
 
 from common import dist
 from common.errors import CheckpointError, DataError, UserError, cli_entry
+from common.flags import at_least
 from common.tokenizer import ContinuousTokenizer
 from mar.cache import FolderImages, ShapeImages, cache_latents
 from methods import load_tokenizer
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cached_path", default="", help="the folder the cache files are written to")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="shapes only: the seed they are drawn from")
-    parser.add_argument("--num_workers", type=int, default=10)
+    parser.add_argument("--num_workers", type=at_least(0), default=10)
     parser.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster copies to the GPU")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)

@@ -37,12 +37,14 @@ from PIL import Image
 from common import dist
 from common.data import save_image_grid
 from common.errors import ConfigError, DataError, cli_entry
+from common.flags import at_least
 from common.metrics import (FIDStatistics, InceptionAccumulator, find_inception_weights, frechet_distance,
                             inception_score, load_inception)
 from common.metrics.fidelity import check_image_count, write_atomic
 from common.metrics.images import NpzImageWriter
 from common.metrics.inception import LOGITS, POOL
 from common.metrics.reference import DEFAULT_STATS_DIR, resolve_reference
+from common.paths import check_output_dir
 from common.sampler import Sampler, parse_sampling_args, sample_in_shards, sampling_parser
 from methods import load_sampler, sampling_knob_schemas
 
@@ -52,7 +54,7 @@ from methods import load_sampler, sampling_knob_schemas
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = sampling_parser(__doc__, sampling_knob_schemas())
-    parser.add_argument("-n", "--n-samples", type=int, default=50000, help="total number of images")
+    parser.add_argument("-n", "--n-samples", type=at_least(1), default=50000, help="total number of images")
     parser.add_argument("--save-dir", default=None, help="results under SAVE_DIR/<grandparent>_<parent of -a>")
     parser.add_argument("--inception-weights", default=None,
                         help="local weights-inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
@@ -123,6 +125,8 @@ def score(accumulator: InceptionAccumulator, reference, env: dist.DistEnv, batch
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Sample, save and score; on rank 0 print and return the metrics."""
     args, assignments = parse_args(argv)
+    check_output_dir(args.save_dir or os.path.dirname(os.path.abspath(args.model_ar_path)),
+                     "--save-dir" if args.save_dir else "the folder of -a (results go there without --save-dir)")
     env = dist.setup(args.device)
     try:
         return run(args, assignments, env)

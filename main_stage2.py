@@ -10,7 +10,8 @@
 
 The prior is the config's `arch.type` (rq-transformer, llamagen-gpt). The tokenizer checkpoint comes
 from -v/--tokenizer or the config's `tokenizer.ckpt` (official RQ configs: `vqvae.ckpt`). Images are
-encoded on the fly unless `codes.train` names shards written by scripts/extract_codes.py.
+encoded on the fly unless `codes.train` names shards written by scripts/extract_codes.py or a folder of
+LlamaGen's code files (its `extract_codes_c2i.py`, or ours with `--layout llamagen`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from common.config import read_yaml
 from common.data import build_dataset_from_config
 from common.errors import ConfigError, cli_entry
 from common.launch import resolve_config, run_training, training_parser
-from common.token_cache import CachedTokens
+from common.llamagen_codes import open_codes
 from methods import load_tokenizer, stage2_starting_weights, stage2_type
 
 
@@ -29,10 +30,9 @@ def build_datasets(config, tokenizer):
     if not codes["train"]:
         return (build_dataset_from_config(config["dataset"], "train"),
                 build_dataset_from_config(config["dataset"], "val"))
-    datasets = [CachedTokens(codes["train"], config["seed"]), CachedTokens(codes["val"]) if codes["val"] else None]
-    for dataset in filter(None, datasets):
-        dataset.check_tokenizer(tokenizer)
-    return tuple(datasets)
+    resolution = config["dataset"]["resolution"]
+    return (open_codes(codes["train"], config["seed"], tokenizer, resolution),
+            open_codes(codes["val"], 0, tokenizer, resolution) if codes["val"] else None)
 
 
 @cli_entry

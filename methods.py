@@ -84,6 +84,9 @@ def stage1_starting_weights(obj: Any, path: str, model: torch.nn.Module, use_ema
     """(tokenizer weights, discriminator weights or None) to fine-tune from a loaded stage-1 checkpoint,
     ours or an official one; EMA weights where kept, unless `use_ema` is false."""
     if is_our_checkpoint(obj):
+        if obj.get("kind") in PRIORS:
+            raise CheckpointError(f"{path}: holds a {obj.get('kind')!r} model, not a tokenizer; -l takes a stage-1 "
+                                  "checkpoint")
         if use_ema and obj.get("ema"):
             return obj["ema"]["shadow"], (obj.get("disc_ema") or {}).get("shadow", obj.get("discriminator"))
         return obj["model"], obj.get("discriminator")
@@ -98,6 +101,9 @@ def stage2_starting_weights(path: str, model: torch.nn.Module) -> Weights:
     """The prior's weights from our checkpoint or an official file, to start a training run from."""
     obj = load_file(path)
     if is_our_checkpoint(obj):
+        if obj.get("kind") in TOKENIZERS:
+            raise CheckpointError(f"{path}: holds a {obj.get('kind')!r} model, not a stage-2 prior; -l takes a "
+                                  "stage-2 checkpoint")
         return obj["model"]
     weights = first_answer("prior_weights", obj, path, model)
     if weights is None:
@@ -124,7 +130,8 @@ def load_tokenizer(path: str, config_path: str | None = None, use_ema: bool = Tr
         config = obj["config"]
         found = TOKENIZERS.get(config["arch"]["type"])
         if found is None:
-            raise CheckpointError(f"{path}: holds a {config['arch']['type']!r} model, not a tokenizer")
+            raise CheckpointError(f"{path}: holds a {config['arch']['type']!r} model, not a tokenizer; give a "
+                                  "stage-1 (tokenizer) checkpoint")
         model = found.build(config["arch"])
         strict_load(model, obj["ema"]["shadow"] if use_ema and obj.get("ema") else obj["model"], path)
         return model.eval(), config
@@ -148,7 +155,8 @@ def load_prior(path: str, tokenizer: Tokenizer, use_ema: bool = True, config_pat
     if is_our_checkpoint(obj):
         found = PRIORS.get(obj.get("kind"))
         if found is None:
-            raise CheckpointError(f"{path}: holds a {obj.get('kind')!r} model, not a stage-2 prior")
+            raise CheckpointError(f"{path}: holds a {obj.get('kind')!r} model, not a stage-2 prior; give a stage-2 "
+                                  "(prior) checkpoint")
         config = obj["config"]
         ema = use_ema and bool(obj.get("ema"))
         prior = found.build(config["arch"], path)

@@ -11,14 +11,21 @@ import argparse
 import os
 import pickle
 import random
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, first_line
+from common.paths import require_file
 
 FORMAT = "argen-checkpoint/1"
+STALE_TEMPORARY = re.compile(r"\..+\.tmp(\d+)")  # save_checkpoint's `.<name>.tmp<pid>`
+# What torch's data-only reader says when the pickle would import or call something: code, never loaded
+CODE_REFUSALS = ("not an allowed global", "is blocked", "unrecognized function", "Can only create new object",
+                 "Unsupported class")
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save: a zip archive, or (legacy format) a pickle
 
 
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
@@ -34,23 +41,65 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
             os.remove(tmp)
 
 
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Delete the temporary files save_checkpoint left in `directory` when its process was killed mid-write
+    (`.<name>.tmp<pid>` of a process no longer running here, or of this process, which has written none yet);
+    returns their names."""
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        match = STALE_TEMPORARY.fullmatch(name)
+        if match and (int(match.group(1)) == os.getpid() or not process_running(int(match.group(1)))):
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
 def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
     """`torch.load(path, weights_only=True)` with every failure turned into one clear CheckpointError."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    require_file(path, "checkpoint", CheckpointError)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({error.strerror})") from None
+    if not head.startswith(TORCH_FILE_STARTS):  # refused before unpickling, with a reason a user recognises
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({describe_foreign_bytes(head)})")
     try:
         # argparse.Namespace: official training scripts (LlamaGen, NPP) store their arguments in it; plain data
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        if "Weights only load failed" in str(error) or "Unsupported global" in str(error):
+        if any(mark in str(error) for mark in CODE_REFUSALS):
             raise CheckpointError(f"{path}: refused, the file contains Python objects or code, not only tensors "
                                   "(checkpoints are loaded as data only)") from None
-        raise CheckpointError(f"{path}: not a checkpoint ({first_line})") from None
+        if "Weights only load failed" in str(error):  # an opcode the data-only reader does not know: damaged bytes
+            raise CheckpointError(f"{path}: not a checkpoint, or a damaged one (its pickled data cannot be read); "
+                                  "download or write it again") from None
+        raise CheckpointError(f"{path}: not a checkpoint ({first_line(error)})") from None
     except Exception as error:  # torch raises many kinds (OSError, KeyError, RuntimeError, ...) for damaged files
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({message})") from None
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({first_line(error)})") from None
+
+
+def describe_foreign_bytes(head: bytes) -> str:
+    """What the first bytes of a file that is not a PyTorch file look like, for an error message."""
+    if not head:
+        return "the file is empty"
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
+        return "it is an HTML or XML page: a download that saved a web page instead of the file?"
+    return "it is neither the zip archive nor the pickle that torch.save writes"
 
 
 def is_our_checkpoint(obj: Any) -> bool:
@@ -94,19 +143,31 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def strict_load(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict(strict=True)` whose failure lists the missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+def _shape(value: Any) -> tuple | str:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def weight_mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> list[str]:
+    """The missing, unexpected and mis-shaped keys of `given` against a module's state dict `expected`, as
+    phrases for an error message (a value that is not a tensor counts as mis-shaped); empty when all fit."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [f"{k} {_shape(given[k])} vs {tuple(expected[k].shape)}"
+                  for k in expected if k in given and _shape(given[k]) != tuple(expected[k].shape)]
     problems = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                         ("shape mismatches (file vs model)", mismatched)):
         if keys:
-            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            shown = ", ".join(map(str, keys[:8])) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
             problems.append(f"{label}: {shown}")
+    return problems
+
+
+def strict_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict(strict=True)` whose failure lists the missing, unexpected and mis-shaped keys."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: holds a {type(state_dict).__name__} where the model's weights should be")
+    problems = weight_mismatches(module.state_dict(), state_dict)
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the model built from its config; " + "; ".join(problems))
     module.load_state_dict(state_dict, strict=True)

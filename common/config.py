@@ -15,19 +15,22 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from common.errors import ConfigError
+from common.paths import require_file
 
 REQUIRED = object()
 
 
 @dataclass(frozen=True)
 class Field:
-    """One leaf of a schema: the accepted type(s), a default (or REQUIRED), optional choices."""
+    """One leaf of a schema: the accepted type(s), a default (or REQUIRED), optional choices, and for counts
+    and sizes the smallest value allowed (of a number, or of each number in a list)."""
 
     kind: type | tuple[type, ...]
     default: Any = REQUIRED
     items: type | tuple[type, ...] | None = None  # element type of a list
     choices: tuple | None = None
     doc: str = ""
+    minimum: float | None = None
 
     @property
     def required(self) -> bool:
@@ -90,8 +93,7 @@ def _unwrap(value: Any) -> Any:
 
 def read_yaml(path: str) -> dict:
     """Read a YAML mapping; a missing, unreadable or malformed file is a ConfigError naming it."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: config file not found")
+    require_file(path, "config", ConfigError)
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -101,6 +103,8 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a config is UTF-8 YAML)") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -112,6 +116,9 @@ def parse_overrides(args: Iterable[str]) -> dict[str, Any]:
     """`["optimizer.lr=2e-4", "data.batch_size=8"]` -> {"optimizer.lr": "2e-4", "data.batch_size": 8}."""
     overrides: dict[str, Any] = {}
     for arg in args:
+        if arg.startswith("-"):  # what argparse left over: an option it does not know
+            raise ConfigError(f"{arg.partition('=')[0]}: unknown option (see --help); after the options, "
+                              "give only key.subkey=value overrides")
         key, sep, text = arg.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {arg!r} must look like key.subkey=value")
@@ -209,6 +216,10 @@ def _check_field(value: Any, field: Field, key: str, source: str) -> Any:
                 raise ConfigError(f"{source}: {key}[{i}] must be {_describe(field.items)}, got {item!r}")
             checked.append(item)
         value = checked
+    if field.minimum is not None:
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and item < field.minimum:
+                raise ConfigError(f"{source}: {key} must be at least {field.minimum}, got {item!r}")
     if field.choices is not None and value not in field.choices:
         choices = ", ".join(str(c) for c in field.choices)
         raise ConfigError(f"{source}: {key} must be one of {choices}, got {value!r}")

@@ -40,11 +40,13 @@ DATASET_SCHEMA = {
                                      "or an official name (ffhq256x256, imagenet256x256, LSUN-church); "
                                      "default: the dataset's official transform"),
     },
-    "resolution": Field(int, None, doc="image side; default 32 for shapes, 256 otherwise or from an official name"),
+    "resolution": Field(int, None, minimum=1,
+                        doc="image side; default 32 for shapes, 256 otherwise or from an official name"),
     "flip": Field(bool, None, doc="random horizontal flip in training; null = the transform's official choice"),
-    "num_samples": Field(int, None, doc="shapes: dataset size; folders: an evenly spaced subset of this many images"),
-    "seed": Field(int, 0, doc="seeds the augmentation (and the drawing of shapes)"),
-    "vocab_size": Field(int, None, doc="official stage-2 key, unused by the data"),
+    "num_samples": Field(int, None, minimum=1,
+                         doc="shapes: dataset size; folders: an evenly spaced subset of this many images"),
+    "seed": Field(int, 0, doc="seeds the augmentation (and the drawing of shapes)", minimum=0),
+    "vocab_size": Field(int, None, doc="official stage-2 key, unused by the data", minimum=1),
     "transform": ANY,  # a misspelled duplicate the official RQ-VAE set-up writes into saved configs
 }
 

@@ -13,9 +13,11 @@ from typing import Any, Callable, Mapping
 from torch.utils.data import Dataset
 
 from common import dist
-from common.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint, remove_stale_temporaries
 from common.config import Config, apply_overrides, parse_overrides, save_config, validate
 from common.errors import CheckpointError
+from common.flags import at_least
+from common.paths import check_output_dir
 from common.runlog import RunLog
 from common.trainer import Position, TrainTask, Trainer, resolve_run_dir, restore, steps_per_epoch
 
@@ -27,7 +29,7 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("-r", "--result-path", required=True, help="runs go to <result-path>/<config stem>[__postfix]")
     parser.add_argument("-l", "--load-path", default="", help="checkpoint to start from (ours or official)")
     parser.add_argument("-p", "--postfix", default="", help="appended to the run directory name")
-    parser.add_argument("-t", "--test-batch-size", type=int, default=None)
+    parser.add_argument("-t", "--test-batch-size", type=at_least(1), default=None)
     parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     parser.add_argument("--resume", action="store_true", help="continue exactly from -l or <run dir>/last.pt")
     parser.add_argument("--eval", action="store_true", help="evaluate on train and val, no training")
@@ -51,6 +53,25 @@ def resolve_config(args: argparse.Namespace, extra: list[str], raw: Mapping[str,
     return validate(apply_overrides(raw, overrides, schema, args.model_config), schema, args.model_config)
 
 
+def check_kind(checkpoint: Mapping[str, Any], config: Config, path: str) -> None:
+    """Refuse to resume from a checkpoint of another kind of model than the config trains."""
+    kind, wanted = checkpoint.get("kind"), config["arch"]["type"]
+    if kind != wanted:
+        raise CheckpointError(f"{path}: a checkpoint of a {kind!r} model, and this run trains {wanted!r}; "
+                              "resume from a checkpoint of this config's run")
+
+
+def logged_before(record: Mapping[str, Any], position: Position) -> bool:
+    """Whether a metrics record was written before the checkpoint at `position` was saved: training steps up to
+    its step, and evaluations before it (at its step too when it closed an epoch: they run before the save)."""
+    step = record.get("step")
+    if not isinstance(step, int):
+        return False
+    if record.get("split") == "train":
+        return step <= position.step
+    return step < position.step or (step == position.step and position.batch_in_epoch == 0)
+
+
 def run_training(args: argparse.Namespace, config: Config, name: str,
                  build_datasets: Callable[[], tuple[Dataset, Dataset | None]],
                  build_task: Callable[[dist.DistEnv, int], TrainTask],
@@ -59,22 +80,35 @@ def run_training(args: argparse.Namespace, config: Config, name: str,
     env = dist.setup(args.device)
     dist.seed_everything(config["seed"], env.rank)
     run_dir = resolve_run_dir(args.result_path, args.model_config, args.postfix)
-    log = RunLog(run_dir, env.is_main)
+    check_output_dir(run_dir, "-r/--result-path")
     train_set, val_set = build_datasets()
     batches = steps_per_epoch(len(train_set), config["experiment"]["batch_size"], env.world_size)
     task = build_task(env, batches)
-    trainer = Trainer(task, config, env, log, train_set, val_set, batches, seed=config["seed"])
 
-    position = Position()
+    position, started = Position(), None
     if args.resume:
-        path = args.load_path or log.path("last.pt")
-        if not os.path.isfile(path):
+        path = args.load_path or os.path.join(run_dir, "last.pt")
+        if not os.path.exists(path):
             raise CheckpointError(f"--resume: no checkpoint at {path}; give one with -l")
-        position = restore(task, load_checkpoint(path, env.device), env)
-        log.info(f"resumed from {path} at epoch {position.epoch}, step {position.step}")
+        checkpoint = load_checkpoint(path, env.device)
+        check_kind(checkpoint, config, path)
+        position = restore(task, checkpoint, env, path)
+        del checkpoint  # a large model's optimizer state need not stay in memory twice
+        started = f"resumed from {path} at epoch {position.epoch}, step {position.step}"
     elif args.load_path:
         load_weights(task, args.load_path)
-        log.info(f"loaded weights from {args.load_path}")
+        started = f"loaded weights from {args.load_path}"
+
+    # Start-up is over: only now does the run write into its directory, so a refused start leaves nothing there.
+    log = RunLog(run_dir, env.is_main)
+    if env.is_main:
+        for stale in remove_stale_temporaries(run_dir):
+            log.info(f"removed {stale}, a checkpoint a killed run did not finish writing")
+        if args.resume and not args.eval:
+            log.keep_metrics(lambda record: logged_before(record, position))
+    trainer = Trainer(task, config, env, log, train_set, val_set, batches, seed=config["seed"])
+    if started:
+        log.info(started)
 
     if args.eval:
         results = {split: trainer.reduce(task.evaluate(trainer.eval_batches(dataset)))

@@ -21,9 +21,9 @@ OPTIMIZER_SCHEMA = {
     "eps": Field(float, 1e-8),
     "max_gn": Field(float, None, doc="gradient-norm clip; null = none"),
     "grad_accm_steps": Field(int, 1, doc="priors: micro-batches per optimizer step (as experiment.total_batch_size); "
-                                         "tokenizers: must be 1"),
+                                         "tokenizers: must be 1", minimum=1),
     "lr_drop_epoch": Field(list, None, items=int, doc="step decay: the lr is multiplied by lr_drop_rate after "
-                                                       "each of these epochs (1-based; Open-MAGVIT2)"),
+                                                       "each of these epochs (1-based; Open-MAGVIT2)", minimum=1),
     "lr_drop_rate": Field(float, 0.1),
     "warmup": {
         "epoch": Field(float, 0.0),

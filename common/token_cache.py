@@ -1,8 +1,8 @@
 """Cached tokens on disk: fixed-size shards written atomically, read back as a training dataset.
 
 A shard `codes_{k:05d}.npz` holds the tokens of images [k * shard_size, (k + 1) * shard_size)
-of a split, with A augmentations per image (1, or 2 with the horizontal flip), `labels` (N,) and
-`indices` (N,). The tokens are, by the tokenizer's kind:
+of a split, with A augmentations per image (1, 2 with the horizontal flip, 10 with the ten-crop),
+`labels` (N,) and `indices` (N,). The tokens are, by the tokenizer's kind:
 
 - discrete: `codes` (N, A, *code_shape), int16 or int32 (whichever holds the vocabulary);
 - continuous: `moments` (N, A, 2C, h, w), float32, the posterior of each image: training draws a
@@ -17,22 +17,33 @@ from __future__ import annotations
 import glob
 import json
 import os
+import zipfile
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from common.config import Field
-from common.errors import DataError
+from common.errors import DataError, first_line
 
 CODES_SCHEMA = {  # the `codes` section of a prior's config
-    "train": Field(str, None, doc="folder of token shards from scripts/extract_codes.py to train on instead of "
-                                  "images"),
+    "train": Field(str, None, doc="folder of token shards from scripts/extract_codes.py (or of LlamaGen's code "
+                                  "files, see common/llamagen_codes.py) to train on instead of images"),
     "val": Field(str, None),
 }
 TOKENIZER_SCHEMA = {  # the `tokenizer` section of a prior's config
     "ckpt": Field(str, None, doc="the tokenizer checkpoint (ours or official) whose tokens are modelled"),
 }
+EXTRACT_AGAIN = "extract the codes again with scripts/extract_codes.py"
+
+
+def pick_augmentation(num_aug: int, seed: int, epoch: int, index: int) -> int:
+    """Which of item `index`'s `num_aug` stored augmentations epoch `epoch` trains on: drawn from a generator
+    seeded by (seed, epoch, index), so it depends on neither workers nor processes and a resumed run sees the same."""
+    if num_aug == 1:
+        return 0
+    generator = torch.Generator().manual_seed(hash((seed, epoch, index)) % 2**63)
+    return int(torch.randint(num_aug, (), generator=generator))
 
 
 def shard_path(directory: str, shard: int) -> str:
@@ -63,15 +74,37 @@ def read_meta(directory: str) -> dict:
     path = os.path.join(directory, "meta.json")
     if not os.path.isfile(path):
         raise DataError(f"{directory}: no meta.json; extract codes with scripts/extract_codes.py first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({first_line(error)}); {EXTRACT_AGAIN}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("num_shards"), int):
+        raise DataError(f"{path}: malformed, it has no num_shards count; {EXTRACT_AGAIN}")
+    return meta
+
+
+def read_shard(path: str) -> dict[str, np.ndarray]:
+    """The arrays of one shard, read whole; a damaged or foreign file is a DataError naming it."""
+    try:
+        archive = np.load(path)  # allow_pickle stays off: a shard is data, never code
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: damaged code shard ({first_line(error)}); delete it and rerun "
+                        "scripts/extract_codes.py (it resumes)") from None
+    if "labels" not in arrays or not {"codes", "moments"} & set(arrays):
+        raise DataError(f"{path}: not a code shard (it holds {sorted(arrays)}, not codes or moments and labels); "
+                        f"{EXTRACT_AGAIN}")
+    return arrays
 
 
 class CachedTokens(Dataset):
     """Tokens of a split, all shards in memory; each item picks one of its stored augmentations.
 
-    The augmentation of item i in epoch e is drawn from a generator seeded by (seed, e, i), so it does
-    not depend on workers or processes and a resumed run sees the same data. Items are
+    The augmentation of item i in epoch e is `pick_augmentation(A, seed, e, i)`. Items are
     `{"codes": int64 (*code_shape)}` or `{"moments": float32 (2C, h, w)}`, with "label" and "skipped".
     """
 
@@ -83,10 +116,14 @@ class CachedTokens(Dataset):
         if len(paths) != expected:
             raise DataError(f"{directory}: {len(paths)} of {expected} code shards present; "
                             "finish the extraction (rerun scripts/extract_codes.py, it resumes)")
-        shards = [np.load(p) for p in paths]
+        shards = [read_shard(p) for p in paths]
         self.key = "moments" if "moments" in shards[0] else "codes"
-        self.tokens = torch.from_numpy(np.concatenate([s[self.key] for s in shards]))
-        self.labels = torch.from_numpy(np.concatenate([s["labels"] for s in shards]))
+        try:
+            self.tokens = torch.from_numpy(np.concatenate([s[self.key] for s in shards]))
+            self.labels = torch.from_numpy(np.concatenate([s["labels"] for s in shards]))
+        except (KeyError, ValueError) as error:
+            raise DataError(f"{directory}: the shards do not fit together ({first_line(error)}); "
+                            f"{EXTRACT_AGAIN}") from None
         self.seed = seed
         self.epoch = 0
 
@@ -114,11 +151,6 @@ class CachedTokens(Dataset):
         return self.tokens.shape[0]
 
     def __getitem__(self, index: int) -> dict:
-        num_aug = self.tokens.shape[1]
-        choice = 0
-        if num_aug > 1:
-            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
-            choice = int(torch.randint(num_aug, (), generator=generator))
-        tokens = self.tokens[index, choice]
+        tokens = self.tokens[index, pick_augmentation(self.tokens.shape[1], self.seed, self.epoch, index)]
         return {self.key: tokens.long() if self.key == "codes" else tokens, "label": int(self.labels[index]),
                 "skipped": 0}

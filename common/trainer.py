@@ -16,27 +16,28 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from common.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from common.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint, strict_load
 from common.config import Config, Field
 from common.data import build_loader
 from common.dist import DistEnv, all_reduce_mean, barrier, is_distributed
-from common.errors import DataError
+from common.errors import CheckpointError, DataError, first_line
 from common.runlog import RunLog
 
 EXPERIMENT_SCHEMA = {
-    "batch_size": Field(int, doc="per-process batch"),
-    "epochs": Field(int),
-    "save_ckpt_freq": Field(int, 1, doc="write epoch{N}_model.pt every N epochs"),
-    "test_freq": Field(int, 1, doc="evaluate every N epochs"),
+    "batch_size": Field(int, doc="per-process batch", minimum=1),
+    "epochs": Field(int, minimum=1),
+    "save_ckpt_freq": Field(int, 1, doc="write epoch{N}_model.pt every N epochs", minimum=1),
+    "test_freq": Field(int, 1, doc="evaluate every N epochs", minimum=1),
     "amp": Field(bool, False, doc="bf16 autocast on CUDA"),
-    "total_batch_size": Field(int, None),
-    "max_steps": Field(int, None, doc="stop (and checkpoint) after this many optimizer steps"),
-    "save_every_steps": Field(int, None, doc="also refresh last.pt every N steps"),
-    "log_every": Field(int, 10),
-    "num_workers": Field(int, 0),
-    "eval_batches": Field(int, None, doc="limit evaluation to this many batches per process"),
-    "test_batch_size": Field(int, None),
-    "preview_images": Field(int, 8),
+    "total_batch_size": Field(int, None, minimum=1),
+    "max_steps": Field(int, None, doc="stop (and checkpoint) after this many optimizer steps", minimum=1),
+    "save_every_steps": Field(int, None, doc="also refresh last.pt every N steps", minimum=1),
+    "log_every": Field(int, 10, minimum=1),
+    "num_workers": Field(int, 0, minimum=0),
+    "eval_batches": Field(int, None, doc="limit evaluation to this many batches per process", minimum=1),
+    "test_batch_size": Field(int, None, minimum=1),
+    "preview_images": Field(int, 8, minimum=1),
+    "tensorboard": Field(bool, True, doc="also write TensorBoard event files into the run directory"),
     "sample": Field(dict, None),
 }
 
@@ -106,10 +107,23 @@ def checkpoint_payload(task: TrainTask, config: Config, position: Position) -> d
     return payload
 
 
-def restore(task: TrainTask, checkpoint: Mapping[str, Any], env: DistEnv) -> Position:
-    """Load every stateful object, the RNG state of this rank and the position from one of our checkpoints."""
+def restore(task: TrainTask, checkpoint: Mapping[str, Any], env: DistEnv, source: str) -> Position:
+    """Load every stateful object, the RNG state of this rank and the position from one of our checkpoints
+    (read from `source`); state that does not fit the run is a CheckpointError naming the file."""
     for name, obj in task.state_objects().items():
-        obj.load_state_dict(checkpoint[name])
+        if name not in checkpoint:
+            raise CheckpointError(f"{source}: holds no {name} state, which this run keeps; resume with the config "
+                                  "the checkpoint was written with")
+        if isinstance(obj, torch.nn.Module):
+            strict_load(obj, checkpoint[name], source)
+            continue
+        try:
+            obj.load_state_dict(checkpoint[name])
+        except CheckpointError as error:
+            raise CheckpointError(f"{source}: {error}") from None
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{source}: its {name} state does not fit this run ({first_line(error)}); resume "
+                                  "with the config the checkpoint was written with") from None
     rng_states = checkpoint["rng"]
     if len(rng_states) == env.world_size:
         restore_rng_state(rng_states[env.rank])
@@ -136,7 +150,18 @@ class Trainer:
         barrier()
 
     def fit(self, position: Position | None = None) -> Position:
+        """Train from `position` (a fresh run by default) to the end or to `experiment.max_steps`."""
         position = position or Position()
+        if self.experiment["tensorboard"]:
+            # Steps up to the checkpoint's were logged before it was saved; later ones an interrupted run logged
+            # (or any run, for a fresh start) are logged anew and hidden in TensorBoard.
+            self.log.open_tensorboard(purge_step=position.step + 1)
+        try:
+            return self.train_epochs(position)
+        finally:
+            self.log.close_tensorboard()
+
+    def train_epochs(self, position: Position) -> Position:
         experiment = self.experiment
         batch_size = experiment["batch_size"]
         max_steps = experiment["max_steps"]
@@ -206,7 +231,8 @@ class Trainer:
             if self.env.is_main:
                 count = min(self.experiment["preview_images"], len(self.val_set))
                 batch = torch.utils.data.default_collate([self.val_set[i] for i in range(count)])
-                self.log.image_grid(f"epoch{position.epoch:04d}", self.task.preview(batch), nrow=count)
+                self.log.image_grid(f"epoch{position.epoch:04d}", self.task.preview(batch), nrow=count,
+                                    step=position.step)
         return record
 
 

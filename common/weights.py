@@ -23,6 +23,9 @@ def find_weights(filename: str, explicit_path: str | None, url: str, flag: str) 
     `flag` is the command-line option or config key that sets `explicit_path`, named in the error.
     """
     if explicit_path:
+        if os.path.isdir(explicit_path):
+            raise WeightsError(f"weights file {explicit_path} (given by {flag}) is a folder; give the file {filename} "
+                               "itself")
         if os.path.isfile(explicit_path):
             return explicit_path
         raise WeightsError(f"weights file {explicit_path} (given by {flag}) does not exist; "

@@ -224,5 +224,8 @@ def official_tokenizer_weights(obj: Any, path: str, model: LFQTokenizer, use_ema
                                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     if not is_official_lfq_checkpoint(obj):
         return None
+    if not isinstance(model, LFQTokenizer):
+        raise CheckpointError(f"{path}: an Open-MAGVIT2 tokenizer, and the config trains a {type(model).__name__}; "
+                              "-l takes a checkpoint of the config's tokenizer")
     state = obj["state_dict"]
     return official_generator_state(state, model, use_ema, path), official_discriminator_state(state, path, use_ema)

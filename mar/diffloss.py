@@ -194,12 +194,14 @@ class DiffLoss(nn.Module):
     """Diffusion loss and sampler of tokens (N, target_channels) conditioned on vectors (N, z_channels)."""
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
-                 num_sampling_steps: str | int = "100", grad_checkpointing: bool = False):
+                 num_sampling_steps: str | int = "100", grad_checkpointing: bool = False,
+                 noise_schedule: str = "cosine"):
         super().__init__()
         self.in_channels = target_channels
+        self.noise_schedule = noise_schedule
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth,
                                   grad_checkpointing)
-        self.train_diffusion = GaussianDiffusion.respaced("")
+        self.train_diffusion = GaussianDiffusion.respaced("", schedule=noise_schedule)
         self.num_sampling_steps = str(num_sampling_steps)
         self._sampling_diffusions: dict[str, GaussianDiffusion] = {}
         self.gen_diffusion(self.num_sampling_steps)  # a bad spec fails when the model is built
@@ -208,7 +210,7 @@ class DiffLoss(nn.Module):
         """The respaced diffusion of a sampling-step spec (default: the model's), built once per spec."""
         spec = self.num_sampling_steps if num_sampling_steps is None else str(num_sampling_steps)
         if spec not in self._sampling_diffusions:
-            self._sampling_diffusions[spec] = GaussianDiffusion.respaced(spec)
+            self._sampling_diffusions[spec] = GaussianDiffusion.respaced(spec, schedule=self.noise_schedule)
         return self._sampling_diffusions[spec]
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

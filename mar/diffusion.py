@@ -33,6 +33,18 @@ def cosine_betas(num_steps: int = NUM_STEPS, max_beta: float = 0.999) -> np.ndar
                      for i in range(num_steps)])
 
 
+def linear_betas(num_steps: int = NUM_STEPS) -> np.ndarray:
+    """DDPM's betas, evenly from 1e-4 to 0.02 at 1000 steps (both ends scaled by 1000 / num_steps)."""
+    scale = 1000 / num_steps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+
+
+# The named schedules of the diffusion code MAR ships; its models use "cosine". The cosine schedule ends at
+# abar ~ 2e-9, so the first reverse step multiplies the noise prediction's error at t = 999 by ~1e4 (see
+# docs/mar.md): a denoiser trained for minutes needs the linear one (abar ~ 4e-5 at the end) to sample sanely.
+BETA_SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas}
+
+
 def space_timesteps(num_steps: int, spec: str | int) -> list[int]:
     """The steps (ascending) a respacing spec keeps out of `num_steps`.
 
@@ -82,13 +94,15 @@ class Prediction(NamedTuple):
 
 
 class GaussianDiffusion:
-    """The diffusion over `timesteps`, a subset of the base cosine schedule (all of it for training)."""
+    """The diffusion over `timesteps`, a subset of the base schedule (all of it for training)."""
 
-    def __init__(self, timesteps: Sequence[int], base_steps: int = NUM_STEPS):
+    def __init__(self, timesteps: Sequence[int], base_steps: int = NUM_STEPS, schedule: str = "cosine"):
         self.timestep_map = sorted(set(int(t) for t in timesteps))
         if len(self.timestep_map) < 2:
             raise ConfigError(f"a diffusion needs at least 2 steps, got {len(self.timestep_map)}")
-        base = np.cumprod(1.0 - cosine_betas(base_steps))
+        if schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"noise_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {schedule!r}")
+        base = np.cumprod(1.0 - BETA_SCHEDULES[schedule](base_steps))
         kept = base[self.timestep_map]
         betas = 1.0 - kept / np.append(1.0, kept[:-1])  # keeps abar at every kept step
         alphas = 1.0 - betas
@@ -111,8 +125,8 @@ class GaussianDiffusion:
         self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     @classmethod
-    def respaced(cls, spec: str | int, base_steps: int = NUM_STEPS) -> "GaussianDiffusion":
-        return cls(space_timesteps(base_steps, spec), base_steps)
+    def respaced(cls, spec: str | int, base_steps: int = NUM_STEPS, schedule: str = "cosine") -> "GaussianDiffusion":
+        return cls(space_timesteps(base_steps, spec), base_steps, schedule)
 
     def on_device(self, table: str, device: torch.device) -> torch.Tensor:
         """A table as a tensor on `device` (float32, or int64 for the timestep map), copied there once."""

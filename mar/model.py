@@ -51,7 +51,7 @@ class MAR(nn.Module):
                  mask_ratio_min: float = 0.7, label_drop_prob: float = 0.1, class_num: int = 1000,
                  attn_dropout: float = 0.1, proj_dropout: float = 0.1, buffer_size: int = 64,
                  diffloss_d: int = 3, diffloss_w: int = 1024, num_sampling_steps: str | int = "100",
-                 diffusion_batch_mul: int = 4, grad_checkpointing: bool = False):
+                 diffusion_batch_mul: int = 4, grad_checkpointing: bool = False, noise_schedule: str = "cosine"):
         super().__init__()
         self.vae_embed_dim = vae_embed_dim
         self.patch_size = patch_size
@@ -88,7 +88,7 @@ class MAR(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=norm_eps)
         self.initialize_weights()
         self.diffloss = DiffLoss(self.token_embed_dim, decoder_embed_dim, diffloss_d, diffloss_w,
-                                 num_sampling_steps, grad_checkpointing)
+                                 num_sampling_steps, grad_checkpointing, noise_schedule)
 
     @classmethod
     def from_config(cls, arch: Mapping[str, Any], source: str = "config") -> "MAR":

@@ -61,6 +61,8 @@ MAR_ARCH = {
     "diffloss_d": Field(int, None, doc="DiffLoss residual blocks (released: 6 / 8 / 12 for B / L / H) [3]"),
     "diffloss_w": Field(int, None, doc="DiffLoss width (released: 1024 / 1280 / 1536) [1024]"),
     "num_sampling_steps": Field((str, int), "100", doc="default diffusion steps when sampling ('100', 'ddim50')"),
+    "noise_schedule": Field(str, "cosine", choices=("cosine", "linear"),
+                            doc="DiffLoss's beta schedule: the released models' cosine, or DDPM's linear (see docs/mar.md)"),
     "diffusion_batch_mul": Field(int, 4, doc="diffusion draws per token in training"),
     "grad_checkpointing": Field(bool, False, doc="recompute block activations in the backward pass"),
 }

@@ -35,7 +35,8 @@ NPP_SCHEMA = {
               "*": ANY},
     "arch": GPT_ARCH,
     "npp": {
-        "patch_level": Field(int, 2, doc="stages K: patches of 4 then 1 tokens (2), 16-4-1 (3), 64-16-4-1 (4)"),
+        "patch_level": Field(int, 2, minimum=1,
+                             doc="stages K: patches of 4 then 1 tokens (2), 16-4-1 (3), 64-16-4-1 (4)"),
         "epoch_rate": Field(float, 0.5, doc="stage i ends at epoch int(epochs * epoch_rate^(K-1-i))"),
         "scheduler": Field(bool, False, doc="per-stage warm-up and linear decay; false: constant lr"),
         "warmup_epochs": Field(float, 1.0),

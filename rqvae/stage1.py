@@ -29,10 +29,10 @@ STAGE1_SCHEMA = {
     "gan": {
         "disc": {
             "arch": {
-                "in_channels": Field(int, 3),
-                "num_layers": Field(int, 2),
+                "in_channels": Field(int, 3, minimum=1),
+                "num_layers": Field(int, 2, minimum=1),
                 "use_actnorm": Field(bool, False),
-                "ndf": Field(int, 64),
+                "ndf": Field(int, 64, minimum=1),
                 "spectral_norm": Field(bool, False, doc="accepted for the official configs; unused there too"),
             },
             "optimizer": Field(dict, None, doc="defaults to a copy of `optimizer`"),
@@ -42,7 +42,7 @@ STAGE1_SCHEMA = {
             "gen_loss": Field(str, "vanilla", choices=tuple(GEN_LOSSES)),
             "disc_weight": Field(float, 0.75),
             "perceptual_weight": Field(float, 1.0),
-            "disc_start": Field(int, 0, doc="first epoch with the GAN losses"),
+            "disc_start": Field(int, 0, doc="first epoch with the GAN losses", minimum=0),
             **LPIPS_FIELDS,
         },
     },

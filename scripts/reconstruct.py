@@ -21,6 +21,8 @@ from tqdm import tqdm  # noqa: E402
 from common.data import build_transform, list_images, save_image_grid, to_uint8  # noqa: E402
 from common.dist import resolve_device  # noqa: E402
 from common.errors import DataError, cli_entry  # noqa: E402
+from common.flags import at_least  # noqa: E402
+from common.paths import check_output_dir  # noqa: E402
 from methods import load_tokenizer  # noqa: E402
 
 
@@ -53,8 +55,9 @@ def main(argv=None) -> None:
     parser.add_argument("--input", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--output", required=True, help="folder for the reconstructions and grid.png")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
     args = parser.parse_args(argv)
+    check_output_dir(args.output, "--output")
 
     device = resolve_device(args.device)
     model, _ = load_tokenizer(args.ckpt, args.config, map_location="cpu")

@@ -29,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 from common.data import save_image_grid, to_uint8  # noqa: E402
 from common.dist import resolve_device  # noqa: E402
 from common.errors import ConfigError, DataError, cli_entry  # noqa: E402
+from common.paths import check_output_dir  # noqa: E402
 from common.sampler import parse_sampling_args, sampling_parser  # noqa: E402
 from methods import load_sampler, sampling_knob_schemas  # noqa: E402
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"(default {DEFAULT_SAMPLES})")
     parser.add_argument("--output", required=True, help="folder for the PNGs, grid.png and codes.npy")
     args, assignments = parse_sampling_args(parser, argv)
+    check_output_dir(args.output, "--output")
 
     device = resolve_device(args.device)
     sampler = load_sampler(args, assignments, device)

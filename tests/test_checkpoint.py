@@ -69,6 +69,22 @@ def test_foreign_and_non_checkpoint_files_are_refused(tmp_path):
         load_checkpoint(str(raw))
 
 
+@pytest.mark.parametrize("content, phrase", [
+    (b"<!DOCTYPE html>\n<html><body>Sign in</body></html>", "it is an HTML or XML page"),
+    (bytes(range(1, 120)), "not a PyTorch checkpoint file"),
+    (b"", "the file is empty"),
+    (b"\x80\x02\xff\xfe random bytes", "not a checkpoint"),
+])
+def test_files_that_are_no_checkpoint_are_named_for_what_they_are(tmp_path, content, phrase):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=phrase) as info:
+        load_file(str(path))
+    assert "Python objects or code" not in str(info.value)
+    with pytest.raises(CheckpointError, match="a folder, not a checkpoint file"):
+        load_file(str(tmp_path))
+
+
 def test_strict_load_lists_offending_keys():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
     state = model.state_dict()

@@ -79,6 +79,30 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(write(tmp_path, "- 1\n- 2\n", "list.yaml"), SCHEMA)
 
 
+def test_folders_text_in_another_encoding_and_unknown_options_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        read_yaml(str(tmp_path))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("arch: {n_embed: 16}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not a text file"):
+        read_yaml(str(latin1))
+    with pytest.raises(ConfigError, match="--lr: unknown option"):
+        parse_overrides(["arch.n_embed=8", "--lr=3"])
+
+
+def test_counts_and_sizes_below_their_minimum_are_refused(tmp_path):
+    schema = {"batch_size": Field(int, 8, minimum=1), "shape": Field(list, [1], items=int, minimum=1),
+              "workers": Field(int, None, minimum=0)}
+    path = write(tmp_path, "workers: 0\n")
+    assert load_config(path, schema) == {"batch_size": 8, "shape": [1], "workers": 0}
+    with pytest.raises(ConfigError, match="batch_size must be at least 1, got 0"):
+        load_config(path, schema, ["batch_size=0"])
+    with pytest.raises(ConfigError, match="shape must be at least 1, got -4"):
+        load_config(path, schema, ["shape=[8,-4]"])
+    with pytest.raises(ConfigError, match="workers must be at least 0, got -1"):
+        load_config(path, schema, ["workers=-1"])
+
+
 def test_save_config_round_trips(tmp_path):
     path = write(tmp_path, "arch: {n_embed: 16, code_shape: [8]}\noptimizer: {init_lr: 1}\n")
     cfg = load_config(path, SCHEMA)

@@ -214,6 +214,22 @@ def test_training_schedule_is_the_full_cosine_one():
     assert diffusion.identity_map and diffusion.betas[-1] == 0.999
 
 
+def test_linear_schedule_is_ddpms_and_reaches_a_far_larger_final_alpha_bar():
+    linear, cosine = GaussianDiffusion.respaced("", schedule="linear"), GaussianDiffusion.respaced("")
+    np.testing.assert_allclose(linear.betas[[0, -1]], [1e-4, 0.02], rtol=1e-12)
+    assert 3e-5 < linear.alphas_cumprod[-1] < 5e-5 and cosine.alphas_cumprod[-1] < 1e-8
+    respaced = GaussianDiffusion.respaced("25", schedule="linear")  # respacing keeps the kept steps' alpha bars
+    np.testing.assert_allclose(respaced.alphas_cumprod, linear.alphas_cumprod[respaced.timestep_map], rtol=1e-10)
+    model = MAR.from_config({"img_size": 32, "vae_stride": 8, "vae_embed_dim": 4, "class_num": 3, "buffer_size": 2,
+                             "encoder_embed_dim": 16, "encoder_depth": 1, "encoder_num_heads": 2,
+                             "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2, "diffloss_d": 1,
+                             "diffloss_w": 16, "noise_schedule": "linear"})
+    for diffusion in (model.diffloss.train_diffusion, model.diffloss.gen_diffusion("10")):
+        assert 3e-5 < diffusion.alphas_cumprod[-1] < 5e-5
+    with pytest.raises(ConfigError, match="noise_schedule"):
+        MAR.from_config({"noise_schedule": "quadratic"})
+
+
 def test_space_timesteps_rounds_the_accumulated_stride():
     assert space_timesteps(1000, "100")[:8] == [0, 10, 20, 30, 40, 50, 61, 71]
     assert space_timesteps(1000, "10") == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]

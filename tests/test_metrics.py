@@ -27,6 +27,7 @@ from common.metrics import (INCEPTION_FILE, INCEPTION_URL, FIDStatistics, Incept
                             load_inception, load_statistics, psnr, ssim, usage_from_counts,
                             write_random_inception_weights)
 from common.metrics.images import FolderImages, open_npz_array
+from tests.helpers import refused_in_process
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "metrics")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,13 +96,7 @@ def run(weights, *argv):
 
 
 def refused(capsys, argv) -> str:
-    """The one stderr line of a run that must end with a user error (exit status 2)."""
-    with pytest.raises(SystemExit) as exit_info:
-        compute_metrics.main(argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    return refused_in_process(capsys, compute_metrics.main, argv)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The network is torch-fidelity's port of the TensorFlow FID graph (2015-12-05): uint8 images in,
 TF1-compatible bilinear resize to 299 inside, 2048-d pool features for FID and precision/recall,
-1008 unbiased logits for the Inception Score. Its weights are read from a local file only.
+1008 unbiased logits for the Inception Score. Its weights are read from a local file only, as data
+(`weights_only`): never through torch-fidelity's own loading, which unpickles the file in full.
 Under torchrun each rank extracts a contiguous shard; `InceptionAccumulator.gather` returns
 the features of all ranks in dataset order.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from common import dist
 from common.data import to_uint8
-from common.errors import DataError, WeightsError
+from common.checkpoint import load_file, weight_mismatches
+from common.errors import CheckpointError, DataError, WeightsError
 from common.metrics.fidelity import FIDStatistics, frechet_distance, inception_score
 from common.weights import find_weights
 
@@ -37,32 +39,48 @@ def find_inception_weights(explicit_path: str | None = None, flag: str = "--ince
     return find_weights(INCEPTION_FILE, explicit_path, INCEPTION_URL, flag)
 
 
-def load_inception(weights_path: str, device: str | torch.device = "cpu") -> FeatureExtractorInceptionV3:
-    """torch-fidelity's Inception with the given weights file, in eval mode on `device`."""
-    try:
-        extractor = FeatureExtractorInceptionV3(INCEPTION_NAME, [POOL, LOGITS],
-                                                feature_extractor_weights_path=weights_path)
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError, AttributeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f"{weights_path}: not torch-fidelity's Inception weights ({first_line}); "
-                           f"expected {INCEPTION_FILE} from {INCEPTION_URL}") from None
-    return extractor.to(device)
-
-
 class _UnloadedInception(FeatureExtractorInceptionV3):
-    """The network with its initial weights: torch-fidelity's constructor insists on loading a file."""
+    """The network without torch-fidelity's loading: its constructor reads a weights file with full pickle, so
+    it is handed an empty file of ours, whose load is skipped here; weights come in as checked tensors."""
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        return None
+        if not state_dict:  # the constructor's load of our empty file
+            return None
+        return super().load_state_dict(state_dict, strict, assign)
+
+
+def inception_network() -> FeatureExtractorInceptionV3:
+    """torch-fidelity's Inception with its initial (untrained) weights; no file of the user's is read."""
+    with tempfile.TemporaryDirectory() as scratch:
+        empty = os.path.join(scratch, "empty.pth")
+        torch.save({}, empty)
+        return _UnloadedInception(INCEPTION_NAME, [POOL, LOGITS], feature_extractor_weights_path=empty)
+
+
+def load_inception(weights_path: str, device: str | torch.device = "cpu") -> FeatureExtractorInceptionV3:
+    """torch-fidelity's Inception with the given weights file, in eval mode on `device`.
+
+    The file is read as data only (`weights_only`, as every checkpoint here) and its tensors are checked
+    against the network before they are loaded: torch-fidelity itself would unpickle it in full.
+    """
+    expected = f"expected {INCEPTION_FILE} from {INCEPTION_URL}"
+    try:
+        state = load_file(weights_path)
+    except CheckpointError as error:
+        raise WeightsError(f"{error}; {expected}") from None
+    network = inception_network()
+    problems = (weight_mismatches(network.state_dict(), state) if isinstance(state, Mapping)
+                else [f"a {type(state).__name__}, not a state dict"])
+    if problems:
+        raise WeightsError(f"{weights_path}: not torch-fidelity's Inception weights ({problems[0]}); {expected}")
+    network.load_state_dict(state)
+    return network.eval().to(device)
 
 
 def write_random_inception_weights(path: str, seed: int = 0) -> str:
     """Save random Inception weights in torch-fidelity's file layout. For tests and speed benchmarks only:
     scores computed with them mean nothing."""
-    with tempfile.TemporaryDirectory() as scratch:
-        empty = os.path.join(scratch, "empty.pth")
-        torch.save({}, empty)
-        state = _UnloadedInception(INCEPTION_NAME, [POOL], feature_extractor_weights_path=empty).state_dict()
+    state = inception_network().state_dict()
     generator = torch.Generator().manual_seed(seed)
     for name, tensor in state.items():
         if name.endswith("conv.weight") or name == "fc.weight":  # He init keeps activations O(1) through 90 layers
