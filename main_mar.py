@@ -237,7 +237,8 @@ def run_args(args: argparse.Namespace, resume_path: str | None, load_path: str =
     output = os.path.abspath(args.output_dir)
     return argparse.Namespace(device=args.device, result_path=os.path.dirname(output),
                               model_config=os.path.basename(output) + ".yaml", postfix="",
-                              resume=resume_path is not None, load_path=resume_path or load_path, eval=False)
+                              resume=resume_path is not None, load_path=resume_path or load_path, eval=False,
+                              output_flag="--output_dir")
 
 
 def train(args: argparse.Namespace, config: Config, source: str, env: dist.DistEnv) -> None:

@@ -40,6 +40,8 @@ def main(argv=None) -> None:
     parser = training_parser(__doc__)
     parser.add_argument("-v", "--tokenizer", "--vqvae", dest="tokenizer", default=None,
                         help="stage-1 tokenizer checkpoint (default: the config's tokenizer.ckpt or vqvae.ckpt)")
+    parser.add_argument("--config", default=None,
+                        help="the YAML an official Open-MAGVIT2 .ckpt given with -v was trained with")
     args, extra = parser.parse_known_args(argv)
     raw = read_yaml(args.model_config)
     prior_type = stage2_type(raw, args.model_config)
@@ -47,7 +49,7 @@ def main(argv=None) -> None:
     tokenizer_path = args.tokenizer or config["tokenizer"]["ckpt"] or config["vqvae"]["ckpt"]
     if not tokenizer_path:
         raise ConfigError(f"{args.model_config}: no stage-1 checkpoint; pass -v STAGE1 or set tokenizer.ckpt")
-    tokenizer, _ = load_tokenizer(tokenizer_path)
+    tokenizer, _ = load_tokenizer(tokenizer_path, args.config)
     config = prior_type.prepare(config, tokenizer, args.model_config)
     config["tokenizer"]["ckpt"] = config["vqvae"]["ckpt"] = tokenizer_path
     run_training(args, config, prior_type.arch_type, build_datasets=lambda: build_datasets(config, tokenizer),

@@ -186,7 +186,7 @@ def sampling_knob_schemas() -> Iterable[dict[str, Knob]]:
 
 def load_sampler(args: argparse.Namespace, assignments: Iterable[str], device: torch.device) -> Sampler:
     """Tokenizer (-v) and prior (-a) with the knobs of the command line, else the checkpoint's."""
-    tokenizer, _ = load_tokenizer(args.model_vqvae_path)
+    tokenizer, _ = load_tokenizer(args.model_vqvae_path, args.config)
     prior, _, defaults = load_prior(args.model_ar_path, tokenizer, use_ema=not args.no_ema)
     return build_sampler(args, assignments, device, tokenizer, prior, defaults, args.model_ar_path)
 

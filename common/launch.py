@@ -80,7 +80,7 @@ def run_training(args: argparse.Namespace, config: Config, name: str,
     env = dist.setup(args.device)
     dist.seed_everything(config["seed"], env.rank)
     run_dir = resolve_run_dir(args.result_path, args.model_config, args.postfix)
-    check_output_dir(run_dir, "-r/--result-path")
+    check_output_dir(run_dir, getattr(args, "output_flag", "-r/--result-path"))
     train_set, val_set = build_datasets()
     batches = steps_per_epoch(len(train_set), config["experiment"]["batch_size"], env.world_size)
     task = build_task(env, batches)

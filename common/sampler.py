@@ -29,6 +29,8 @@ def sampling_parser(description: str, knob_schemas: Iterable[Mapping[str, Knob]]
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--model-vqvae-path", "--tokenizer", required=True,
                         help="stage-1 tokenizer checkpoint (ours or official)")
+    parser.add_argument("--config", default=None,
+                        help="the YAML an official Open-MAGVIT2 .ckpt given with -v was trained with")
     parser.add_argument("-a", "--model-ar-path", "--prior", required=True,
                         help="stage-2 prior checkpoint (ours or official)")
     add_knob_flags(parser, knob_schemas)

@@ -305,5 +305,14 @@ def test_bad_input_gives_one_clear_line(official_setup, tmp_path, capsys):
     assert_one_line_error(run_main([*base, "--evaluate", "--resume", official_setup["run"], "--vae_embed_dim", "16"],
                                    capsys), "--vae_embed_dim", "16", "8")
     assert_one_line_error(run_main([*base, "--use_cached"], capsys), "--use_cached", "--cached_path")
+    for flag, key in (("--batch_size", "experiment.batch_size"), ("--diffloss_w", "arch.diffloss_w"),
+                      ("--diffusion_batch_mul", "arch.diffusion_batch_mul")):
+        assert_one_line_error(run_main([*base, flag, "0"], capsys), key, "at least 1")
+    assert_one_line_error(run_main([*base, "--label_drop_prob", "-0.1"], capsys), "arch.label_drop_prob", "at least 0")
+    (tmp_path / "blocker").write_text("a file")
+    run = ["--output_dir", str(tmp_path / "blocker" / "run"), *base[2:], "--use_cached", "--cached_path",
+           official_setup["cache"]]
+    assert_one_line_error(run_main(run, capsys), "--output_dir", "blocker, which is a file")
+    assert sorted(os.listdir(tmp_path)) == ["blocker"]
     # the process itself, once: nothing but the line on stderr
     assert_one_line_error(run_cli("main_mar.py", *base, "--cfg_schedule", "cosine"), "--cfg_schedule")

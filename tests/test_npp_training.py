@@ -86,6 +86,19 @@ def test_official_gpt_file_as_starting_point(tmp_path):
                                   str(tmp_path / "x")), "pass the tokenizer it was trained with")
 
 
+def test_official_open_magvit2_tokenizer_with_its_yaml(tmp_path):
+    lfq = [os.path.join(DATA, "lfq", "small_lfq.ckpt"), "dataset.resolution=32", "dataset.num_samples=16",
+           "arch.dim=32", "arch.n_layer=1", "arch.n_head=2", "experiment.batch_size=8", "experiment.epochs=1",
+           "experiment.eval_batches=1", "experiment.tensorboard=false"]
+    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v", *lfq),
+                          "small_lfq.ckpt", "--config")
+    assert not os.listdir(tmp_path)
+    result = run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v", *lfq, "--config",
+                     os.path.join(DATA, "lfq", "small_config.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert train_records(tmp_path / "npp-gpt")
+
+
 def test_bad_input_gives_one_clear_line(tmp_path):
     assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v", RQVAE),
                           "square grid of codes", "[8, 8, 3]")
