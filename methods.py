@@ -92,8 +92,8 @@ def stage1_starting_weights(obj: Any, path: str, model: torch.nn.Module, use_ema
         return obj["model"], obj.get("discriminator")
     weights = first_answer("tokenizer_weights", obj, path, model, use_ema)
     if weights is None:
-        raise CheckpointError(f"{path}: not a stage-1 checkpoint (ours or an official one of "
-                              f"{', '.join(m.name for m in METHODS if m.tokenizers)})")
+        raise CheckpointError(f"{path}: not weights of this config's tokenizer ({type(model).__name__}); -l takes one "
+                              "of our checkpoints or an official file of that tokenizer")
     return weights
 
 
