@@ -55,7 +55,7 @@ def write_shard(directory: str, shard: int, tokens: np.ndarray, labels: np.ndarr
     `moments` (float32)."""
     os.makedirs(directory, exist_ok=True)
     path = shard_path(directory, shard)
-    tmp = f"{path}.tmp.npz"
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.npz")  # hidden: never globbed as a shard
     if np.issubdtype(tokens.dtype, np.floating):
         stored = {"moments": tokens.astype(np.float32)}
     else:

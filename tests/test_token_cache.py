@@ -68,6 +68,11 @@ def test_codes_keep_their_integer_type_and_are_checked_against_the_vocabulary(tm
     write_meta(str(tmp_path), {"num_shards": 1})
     with np.load(tmp_path / "codes_00000.npz") as shard:
         assert shard["codes"].dtype == np.int16
+    with pytest.MonkeyPatch.context() as patch:  # an extraction killed between writing and renaming shard 1
+        patch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            write_shard(str(tmp_path), 1, codes, np.arange(5), np.arange(5, 10))
+    assert len(os.listdir(tmp_path)) == 3  # the shard, meta.json and the temporary file, which is not a shard
     cache = CachedTokens(str(tmp_path))
     cache.check_tokenizer(rqvae)
     assert cache[3]["codes"].dtype == torch.int64 and torch.equal(cache[3]["codes"], torch.from_numpy(codes[3, 0]))
