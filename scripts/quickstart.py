@@ -3,14 +3,17 @@
     python scripts/quickstart.py                  # every method, about 7 minutes on 2 CPU cores
     python scripts/quickstart.py --method rqvae   # one method (mar runs only this way for now)
 
-Writes outputs/quickstart/: per method the training runs (checkpoints, metrics.jsonl, grids),
-reconstruction and sample grids, and one metrics.json for everything; prints a summary.
-FID needs the Inception weights file (see README, "Pretrained weights"); without it the
-quickstart says so and reports the other scores.
+Writes outputs/quickstart/: per method the training runs (checkpoints, metrics.jsonl, TensorBoard
+files, grids), their curves (curves.png), reconstruction and sample grids, and one metrics.json for
+everything; prints a summary. Samples and reconstructions are always scored by the built-in shapes
+classifier (trained once, about 45 s, then cached; see docs/evaluation.md); FID needs the Inception
+weights file (see README, "Pretrained weights"); without it the quickstart says so.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
 import json
 import os
 import sys
@@ -26,14 +29,21 @@ import main_stage1  # noqa: E402
 import main_stage2  # noqa: E402
 from common import dist  # noqa: E402
 from common.data import build_dataset, build_loader, save_image_grid  # noqa: E402
+from common.curves import plot_runs  # noqa: E402
 from common.errors import WeightsError, cli_entry  # noqa: E402
-from common.metrics import (InceptionAccumulator, find_inception_weights, load_inception,  # noqa: E402
-                            reconstruction_metrics)
+from common.metrics import (InceptionAccumulator, ShapesEvaluator, find_inception_weights,  # noqa: E402
+                            load_inception, reconstruction_metrics)
 from methods import load_prior, load_tokenizer  # noqa: E402
 
 METHODS = ("rqvae", "lfq", "npp", "mar")
 DEFAULT = ("rqvae", "lfq", "npp")  # mar is run on request until its samples are worth the minutes it adds
 CLASSES = 10
+
+
+@dataclasses.dataclass
+class Scorers:
+    inception: torch.nn.Module | None  # FID / IS, where the Inception weights file is present
+    shapes: ShapesEvaluator  # the built-in shapes classifier: class accuracy, Fréchet distance in its features
 
 
 def find_inception(path: str | None):
@@ -44,17 +54,20 @@ def find_inception(path: str | None):
         return None, str(error)
 
 
-def score_samples(images: torch.Tensor, reference: torch.Tensor, inception) -> dict:
-    """FID of generated vs reference shapes (same count) and Inception Score, when Inception is available."""
+def score_samples(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, scorers: Scorers) -> dict:
+    """The shapes classifier's scores of class-conditional samples; with Inception, also FID against as many
+    reference shapes and the Inception Score."""
+    scores = scorers.shapes.score(images, labels)
+    inception = scorers.inception
     if inception is None:
-        return {}
+        return scores
     fake, real = InceptionAccumulator(inception, "samples"), InceptionAccumulator(inception, "shapes val")
     for chunk in images.split(64):
         fake.add(chunk)
     for chunk in reference.split(64):
         real.add(chunk)
     is_mean, is_std = fake.inception_score()
-    return {"fid": fake.fid(real), "is_mean": is_mean, "is_std": is_std, "num_images": len(images),
+    return {**scores, "fid": fake.fid(real), "is_mean": is_mean, "is_std": is_std, "num_images": len(images),
             "fid_note": f"FID-{len(images)} against as many shapes validation images (not FID-50K)"}
 
 
@@ -63,7 +76,7 @@ def shapes_val(fast: bool):
     return build_dataset("shapes", "val", resolution=32, num_samples=40 if fast else 1000)
 
 
-def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEnv, inception, fast: bool,
+def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEnv, scorers: Scorers, fast: bool,
                               full_run: tuple[str, ...] = ("dataset.num_samples=3200", "experiment.epochs=3")):
     """Train a tiny tokenizer on shapes (`full_run` overrides, or a few steps with `fast`); score and draw its
     reconstructions of the validation shapes."""
@@ -75,30 +88,32 @@ def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEn
     tokenizer = tokenizer.to(env.device)
     val = shapes_val(fast)
     loader = build_loader(val, 100, shuffle=False, drop_last=False)
-    scores = reconstruction_metrics(tokenizer, loader, env, inception, desc="reconstruction scores")
-    originals = torch.stack([val[i]["image"] for i in range(16)])
+    scores = reconstruction_metrics(tokenizer, loader, env, scorers.inception, desc="reconstruction scores")
+    originals = torch.cat([batch["image"] for batch in loader])
     with torch.no_grad():
-        recon = tokenizer.reconstruct(originals.to(env.device))[0].clamp(-1, 1).cpu()
-    save_image_grid(torch.cat([originals, recon]), os.path.join(out, "reconstructions.png"), nrow=16)
+        recon = torch.cat([tokenizer.reconstruct(chunk.to(env.device))[0].clamp(-1, 1).cpu()
+                           for chunk in originals.split(100)])
+    scores.update(scorers.shapes.score_reconstructions(recon, originals))
+    save_image_grid(torch.cat([originals[:16], recon[:16]]), os.path.join(out, "reconstructions.png"), nrow=16)
     return checkpoint, tokenizer, val, scores
 
 
-def run_lfq(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
+def run_lfq(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     """The Open-MAGVIT2 tokenizer (lookup-free quantization, 2^10 codes) on shapes."""
-    _, _, _, scores = train_and_score_tokenizer("configs/shapes/stage1/lfq.yaml", "lfq", out, env, inception, fast)
+    _, _, _, scores = train_and_score_tokenizer("configs/shapes/stage1/lfq.yaml", "lfq", out, env, scorers, fast)
     return {"stage1_reconstruction": scores, "samples": {},
             "files": {"reconstructions": "reconstructions.png", "runs": "runs/"}}
 
 
 def train_prior_and_sample(config: str, name: str, stage1: str, tokenizer, val, out: str, env: dist.DistEnv,
-                           inception, fast: bool, overrides: list[str], knobs: dict) -> dict:
+                           scorers, fast: bool, overrides: list[str], knobs: dict) -> dict:
     """Train a tiny class-conditional prior on a tokenizer's tokens, then sample it (`sample_and_score`)."""
     runs = os.path.join(out, "runs")
     main_stage2.main(["-m", config, "-r", runs, "-v", stage1, "--device", str(env.device), *overrides])
-    return sample_and_score(os.path.join(runs, name, "last.pt"), tokenizer, val, out, env, inception, fast, knobs)
+    return sample_and_score(os.path.join(runs, name, "last.pt"), tokenizer, val, out, env, scorers, fast, knobs)
 
 
-def sample_and_score(checkpoint: str, tokenizer, val, out: str, env: dist.DistEnv, inception, fast: bool,
+def sample_and_score(checkpoint: str, tokenizer, val, out: str, env: dist.DistEnv, scorers, fast: bool,
                      knobs: dict) -> dict:
     """Draw and score samples of every class without and with classifier-free guidance: `knobs` are the
     prior's sampling knobs, its guidance knob set to 1 and to 3."""
@@ -118,45 +133,46 @@ def sample_and_score(checkpoint: str, tokenizer, val, out: str, env: dist.DistEn
         save_image_grid(grid.transpose(0, 1).reshape(-1, 3, 32, 32),
                         os.path.join(out, f"samples_cfg{scale:g}.png"), nrow=CLASSES)
     reference = torch.stack([val[i]["image"] for i in range(len(labels))])
-    return {f"cfg{scale:g}": score_samples(images, reference, inception) for scale, images in samples.items()}
+    return {f"cfg{scale:g}": score_samples(images, labels.cpu(), reference, scorers)
+            for scale, images in samples.items()}
 
 
-def run_rqvae(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
+def run_rqvae(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     """RQ-VAE on shapes, then the class-conditional RQ-Transformer on its codes, then samples."""
     stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/rqvae.yaml", "rqvae",
-                                                                      out, env, inception, fast)
+                                                                      out, env, scorers, fast)
     overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
         ["dataset.num_samples=1600", "experiment.epochs=3"]
     sample_scores = train_prior_and_sample("configs/shapes/stage2/rqtransformer.yaml", "rqtransformer", stage1,
-                                           tokenizer, val, out, env, inception, fast, overrides, {"top_k": 16})
+                                           tokenizer, val, out, env, scorers, fast, overrides, {"top_k": 16})
     return {"stage1_reconstruction": stage1_scores, "samples": sample_scores,
             "files": {"reconstructions": "reconstructions.png", "samples": ["samples_cfg1.png", "samples_cfg3.png"],
                       "runs": "runs/"}}
 
 
-def run_npp(out: str, env: dist.DistEnv, inception, fast: bool, lfq_out: str | None = None) -> dict:
+def run_npp(out: str, env: dist.DistEnv, scorers, fast: bool, lfq_out: str | None = None) -> dict:
     """Next-patch prediction: LlamaGen's GPT on the codes of the tiny Open-MAGVIT2 tokenizer (LlamaGen's VQ
     tokenizer is not trained here), 4x4 then 2x2 patches then tokens, then samples. The tokenizer is the
     one the lfq method trained in `lfq_out`, or trained here."""
     if lfq_out is None:
         stage1, tokenizer, val, _ = train_and_score_tokenizer("configs/shapes/stage1/lfq.yaml", "lfq", out, env,
-                                                              inception, fast)
+                                                              scorers, fast)
     else:
         stage1 = os.path.join(lfq_out, "runs", "lfq", "last.pt")
         tokenizer = load_tokenizer(stage1)[0].to(env.device)
         val = shapes_val(fast)
     overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else ["dataset.num_samples=3200"]
     sample_scores = train_prior_and_sample("configs/shapes/stage2/npp-gpt.yaml", "npp-gpt", stage1, tokenizer, val,
-                                           out, env, inception, fast, overrides, {"top_k": 100})
+                                           out, env, scorers, fast, overrides, {"top_k": 100})
     return {"tokenizer": stage1, "samples": sample_scores,
             "files": {"samples": ["samples_cfg1.png", "samples_cfg3.png"], "runs": "runs/"}}
 
 
-def run_mar(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
+def run_mar(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     """MAR: the tiny KL VAE on shapes, its latents cached in the official layout (main_cache.py), the tiny
     MAR trained on the cache with main_mar.py, then samples (8 autoregressive steps)."""
     stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/kl-vae.yaml", "kl-vae",
-                                                                      out, env, inception, fast, full_run=())
+                                                                      out, env, scorers, fast, full_run=())
     cache, run = os.path.join(out, "cache"), os.path.join(out, "runs", "mar")
     main_cache.main(["--dataset", "shapes", "--num_images", "320" if fast else "2000", "--img_size", "32",
                      "--vae_path", stage1, "--vae_embed_dim", str(tokenizer.channels), "--cached_path", cache,
@@ -164,7 +180,7 @@ def run_mar(out: str, env: dist.DistEnv, inception, fast: bool) -> dict:
     main_mar.main(["--config", "configs/shapes/mar/mar.yaml", "--use_cached", "--cached_path", cache,
                    "--vae_path", stage1, "--output_dir", run, "--device", str(env.device),
                    *(["experiment.epochs=1"] if fast else [])])
-    sample_scores = sample_and_score(os.path.join(run, "last.pt"), tokenizer, val, out, env, inception, fast,
+    sample_scores = sample_and_score(os.path.join(run, "last.pt"), tokenizer, val, out, env, scorers, fast,
                                      {"num_iter": 8})
     return {"stage1_reconstruction": stage1_scores, "samples": sample_scores,
             "files": {"reconstructions": "reconstructions.png", "samples": ["samples_cfg1.png", "samples_cfg3.png"],
@@ -178,11 +194,14 @@ def summary_lines(method: str, result: dict, seconds: float) -> list[str]:
         usage = ", ".join(f"d{d} {recon[f'usage_d{d}']:.0%}" for d in range(8) if f"usage_d{d}" in recon)
         lines.append(f"  reconstruction: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}"
                      + (f", codebook usage {usage}" if usage else "")
+                     + f", shapes rFD {recon['shapes_rfd']:.1f}"
                      + (f", rFID {recon['rfid']:.2f}" if "rfid" in recon else ""))
     for name, scores in result["samples"].items():
-        if scores:
-            lines.append(f"  samples {name}: FID {scores['fid']:.2f} ({scores['fid_note']}), "
-                         f"IS {scores['is_mean']:.2f} ± {scores['is_std']:.2f}")
+        lines.append(f"  samples {name}: shapes accuracy {scores['shapes_accuracy']:.0%}, shapes FD "
+                     f"{scores['shapes_fd']:.1f}, precision {scores['shapes_precision']:.2f}, recall "
+                     f"{scores['shapes_recall']:.2f}"
+                     + (f"; FID {scores['fid']:.2f} ({scores['fid_note']}), IS {scores['is_mean']:.2f} ± "
+                        f"{scores['is_std']:.2f}" if "fid" in scores else ""))
     return lines
 
 
@@ -198,8 +217,8 @@ def main(argv=None) -> None:
 
     env = dist.setup(args.device)
     inception, missing = find_inception(args.inception_weights)
-    if inception is not None:
-        inception = inception.to(env.device)
+    scorers = Scorers(None if inception is None else inception.to(env.device),
+                      ShapesEvaluator.load_or_train(device=env.device))
     methods = DEFAULT if args.method == "all" else (args.method,)
     results, summary = {}, []
     for method in methods:
@@ -207,10 +226,13 @@ def main(argv=None) -> None:
         start = time.time()
         if method == "npp":  # on the Open-MAGVIT2 tokenizer, the one just trained when there is one
             lfq_out = os.path.join(args.output, "lfq") if "lfq" in results else None
-            results[method] = run_npp(out, env, inception, args.fast, lfq_out)
+            results[method] = run_npp(out, env, scorers, args.fast, lfq_out)
         else:
-            results[method] = {"rqvae": run_rqvae, "lfq": run_lfq, "mar": run_mar}[method](out, env, inception,
+            results[method] = {"rqvae": run_rqvae, "lfq": run_lfq, "mar": run_mar}[method](out, env, scorers,
                                                                                             args.fast)
+        runs = sorted(os.path.dirname(path) for path in glob.glob(os.path.join(out, "runs", "*", "metrics.jsonl")))
+        plot_runs(runs, os.path.join(out, "curves.png"))
+        results[method]["files"]["curves"] = "curves.png"
         summary += summary_lines(method, results[method], time.time() - start)
     if missing:
         results["fid_skipped"] = missing

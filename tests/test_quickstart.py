@@ -14,11 +14,12 @@ def test_quickstart_fast_writes_grids_metrics_and_summary(tmp_path):
     metrics = json.load(open(out / "metrics.json"))
     recon = metrics["rqvae"]["stage1_reconstruction"]
     assert recon["psnr"] > 5 and 0 < recon["usage_d0"] <= 1 and "rfid" in recon
-    assert {"fid", "is_mean", "is_std"} <= set(metrics["rqvae"]["samples"]["cfg3"])
-    for name in ("reconstructions.png", "samples_cfg1.png", "samples_cfg3.png", "runs/rqvae/last.pt",
+    assert {"fid", "is_mean", "is_std", "shapes_accuracy", "shapes_fd"} <= set(metrics["rqvae"]["samples"]["cfg3"])
+    assert recon["shapes_rfd"] >= 0 and metrics["rqvae"]["files"]["curves"] == "curves.png"
+    for name in ("reconstructions.png", "samples_cfg1.png", "samples_cfg3.png", "curves.png", "runs/rqvae/last.pt",
                  "runs/rqtransformer/last.pt"):
         assert (out / "rqvae" / name).is_file()
-    assert "Quickstart summary" in result.stdout and "PSNR" in result.stdout
+    assert "Quickstart summary" in result.stdout and "PSNR" in result.stdout and "shapes accuracy" in result.stdout
 
 
 def test_quickstart_fast_next_patch_prediction_on_its_own_tokenizer(tmp_path):
@@ -27,6 +28,7 @@ def test_quickstart_fast_next_patch_prediction_on_its_own_tokenizer(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["npp"]["tokenizer"].endswith("lfq/last.pt") and "fid_skipped" in metrics
+    assert 0 <= metrics["npp"]["samples"]["cfg1"]["shapes_accuracy"] <= 1  # scored without Inception
     for name in ("samples_cfg1.png", "samples_cfg3.png", "runs/lfq/last.pt", "runs/npp-gpt/last.pt"):
         assert (out / "npp" / name).is_file()
 

@@ -25,8 +25,8 @@ SCORES = ("shapes_accuracy", "shapes_fd", "shapes_precision", "shapes_recall")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("argen_cache"))
+def cache_dir():
+    return os.environ[CACHE_ENV]  # the session's (conftest.py): the quickstart tests may have trained it already
 
 
 @pytest.fixture(scope="module")
