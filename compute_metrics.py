@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.save_stats:
         check_image_count("fid", len(fake), args.fake)
     weights = find_inception_weights(args.inception_weights)
-    env = dist.setup(args.device)
-    try:
+    with dist.session(args.device) as env:
         extractor = load_inception(weights, env.device)
         notes: list[str] = []
         fake_features, resized = features_of(fake, args.fake, extractor, env, args, notes)
@@ -185,9 +184,6 @@ def main(argv: list[str] | None = None) -> dict | None:
                               "resize to 299 inside the network")
         report(args, results, fake_stats, notes)
         return results
-    finally:
-        dist.barrier()
-        dist.cleanup()
 
 
 def score(args: argparse.Namespace, env: dist.DistEnv, reference: Reference | None,
@@ -234,8 +230,7 @@ def score_shapes(args: argparse.Namespace, fake: Dataset) -> dict | None:
                         f"got {fake.size[0]}x{fake.size[1]}")
     check_image_count("prc", len(fake), args.fake)
     labels, labels_source = sample_labels(args.fake, fake)
-    env = dist.setup(args.device)
-    try:
+    with dist.session(args.device) as env:
         collector = ImageCollector()
         resized = extract_features(fake, collector, env, args.batch_size, args.num_workers, desc=args.fake)
         images = collector.gather(env.device)
@@ -251,9 +246,6 @@ def score_shapes(args: argparse.Namespace, fake: Dataset) -> dict | None:
                          "no shapes accuracy")
         report(args, results, None, notes)
         return results
-    finally:
-        dist.barrier()
-        dist.cleanup()
 
 
 def report(args: argparse.Namespace, results: dict, fake_stats: FIDStatistics | None, notes: list[str]) -> None:

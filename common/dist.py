@@ -6,9 +6,11 @@ gloo on CPU, so one command runs on a laptop, in CI with two CPU processes and o
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -77,6 +79,18 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return seed
+
+
+@contextlib.contextmanager
+def session(device: str = "auto") -> Iterator[DistEnv]:
+    """`setup` for a script's work; after it, however it ends, every rank waits for the others and the group
+    is closed."""
+    env = setup(device)
+    try:
+        yield env
+    finally:
+        barrier()
+        cleanup()
 
 
 def barrier() -> None:
