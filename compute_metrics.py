@@ -4,6 +4,7 @@
     python compute_metrics.py fake_path=SAMPLES ref_dataset=imagenet     # the official RQ-VAE form
     python compute_metrics.py --fake FOLDER --save-stats OUT.npz         # reference statistics, computed once
     python compute_metrics.py --fake SAMPLES --metrics shapes            # built-in shapes: no --ref, no Inception
+    python compute_metrics.py --fake SAMPLES --metrics clip --captions SAMPLES/captions.jsonl   # text-to-image
     torchrun --nproc_per_node 8 compute_metrics.py --fake ... --ref ...  # features extracted in 8 shards
 
 SAMPLES is a folder of images or an ADM .npz batch (arr_0 uint8 N x H x W x 3). REFERENCE is the same,
@@ -16,6 +17,12 @@ NAME.npz).
 distance, precision and recall in its feature space (not Inception FID). The intended classes come
 from an .npz's `labels` (or `arr_1`) array, or from a folder's file names (`star_00012.png`,
 `star/00012.png` or `7/00012.png`); without them there is no accuracy.
+
+--metrics clip scores text-to-image samples against their captions (--captions FILE) with CLIP ViT-B/32
+(--clip-weights, or torch's hub cache): the mean cosine similarity of image and caption embeddings, as the
+official RQ-Transformer evaluation. Rows of FILE that name files pair by file name (the captions file
+written beside the samples); captions alone pair caption i with image `i.png` / `00012.png`, or .npz row i.
+It combines with the Inception metrics (--metrics fid,clip --ref ...) and needs no --ref alone.
 """
 from __future__ import annotations
 
@@ -32,15 +39,17 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.flags import at_least
 from common.metrics import (FIDStatistics, InceptionAccumulator, extract_features, find_inception_weights,
                             frechet_distance, load_inception, open_images, precision_recall)
+from common.metrics.clip_score import (CLIP_FILE, CLIP_MODEL, ClipAccumulator, ClipScorer, find_clip_weights,
+                                      pair_captions)
 from common.metrics.fidelity import check_feature_dims, check_image_count, write_atomic
-from common.metrics.inception import INCEPTION_NAME, POOL, POOL_DIM
+from common.metrics.inception import INCEPTION_NAME, POOL, POOL_DIM, shard
 from common.metrics.reference import DEFAULT_STATS_DIR, REFERENCE_STATS, Reference, resolve_reference
 from common.metrics.shapes import ShapesEvaluator, sample_labels
 from common.metrics.shapes_classifier import CACHE_ENV, RESOLUTION
 from common.paths import check_output_file
 
-SHAPES = "shapes"
-METRICS = ("fid", "isc", "prc", SHAPES)
+SHAPES, CLIP = "shapes", "clip"
+METRICS = ("fid", "isc", "prc", SHAPES, CLIP)
 FID_50K = 50_000
 BACKEND = f"torch-fidelity {torch_fidelity.__version__} {INCEPTION_NAME}"
 
@@ -58,6 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                           "from file names (star_00012.png, star/ or 7/ folders)")
     parser.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth "
                                                     "(default: torch's hub cache)")
+    parser.add_argument("--captions", metavar="FILE", help="--metrics clip: the captions of the images (.jsonl "
+                                                           "or .tsv rows naming files, or one caption per line)")
+    parser.add_argument("--clip-weights", help=f"local CLIP ViT-B/32 weights, {CLIP_FILE} (default: torch's hub cache)")
+    parser.add_argument("--clip-model", default=CLIP_MODEL, help="open_clip architecture of --clip-weights "
+                                                                 f"(default {CLIP_MODEL}: OpenAI's ViT-B/32)")
     parser.add_argument("--batch-size", type=at_least(1), default=64, help="images per batch per process")
     parser.add_argument("--num-workers", type=at_least(0), default=4, help="image-decoding workers per process")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -78,7 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if SHAPES in args.metrics and (len(args.metrics) > 1 or args.ref or args.save_stats):
         raise ConfigError("--metrics shapes runs alone and scores against the built-in shapes val split: drop --ref, "
                           "--save-stats and other metrics (score those in a second run)")
-    if not args.ref and not args.save_stats and args.metrics != [SHAPES]:
+    if CLIP in args.metrics and not args.captions:
+        raise ConfigError("--metrics clip scores each image against its caption: pass --captions FILE "
+                          "(the captions file written beside the samples)")
+    if args.captions and CLIP not in args.metrics:
+        raise ConfigError("--captions is read by --metrics clip only; add clip to --metrics")
+    if not args.ref and not args.save_stats and args.metrics not in ([SHAPES], [CLIP]):
         raise ConfigError("no reference given: pass --ref REFERENCE (or ref_dataset=NAME), "
                           "or only --save-stats OUT.npz to write the statistics of --fake")
     if set(args.metrics) - set(METRICS) or (args.ref and not args.metrics):
@@ -130,6 +149,9 @@ def print_table(results: dict) -> None:
         reference_images = results["reference_images"]
         rows.append(("precision", f"{results['precision']:.4f}", images, reference_images, backend, size))
         rows.append(("recall", f"{results['recall']:.4f}", images, reference_images, backend, size))
+    if "clip_score" in results:
+        rows.append(("CLIP score", f"{results['clip_score']:.4f}", str(results["clip_images"]), results["captions"],
+                     f"open_clip {results['clip_model']}", size))
     for key, name in (("shapes_accuracy", "shapes accuracy"), ("shapes_fd", "shapes FD"),
                       ("shapes_precision", "shapes precision"), ("shapes_recall", "shapes recall")):
         if key in results:
@@ -161,29 +183,59 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.metrics == [SHAPES]:
         return score_shapes(args, fake)
     reference = resolve_reference(args.ref, args.stats_dir) if args.ref else None
-    check_metrics(args.metrics, args.fake, fake, reference)
+    inception_metrics = [metric for metric in args.metrics if metric != CLIP]
+    check_metrics(inception_metrics, args.fake, fake, reference)
     if args.save_stats:
         check_image_count("fid", len(fake), args.fake)
-    weights = find_inception_weights(args.inception_weights)
+    pairs = pair_captions(args.fake, fake, args.captions) if CLIP in args.metrics else None
+    clip_weights = find_clip_weights(args.clip_weights) if pairs else None
+    weights = find_inception_weights(args.inception_weights) if inception_metrics or args.save_stats else None
     with dist.session(args.device) as env:
-        extractor = load_inception(weights, env.device)
+        clip = ClipScorer(clip_weights, args.clip_model, env.device) if pairs else None  # refused before any work
         notes: list[str] = []
-        fake_features, resized = features_of(fake, args.fake, extractor, env, args, notes)
-        ref_features = None
-        if needs_reference_images(args.metrics, reference):
-            ref_features, _ = features_of(reference.images, reference.path, extractor, env, args, notes)
-        fake_features.gather()  # collective: every rank takes part, rank 0 scores
-        if ref_features is not None:
-            ref_features.gather()
-        fake_stats = fake_features.statistics() if "fid" in args.metrics or args.save_stats else None
+        results, fake_stats = score_inception(args, env, fake, reference, weights, notes) if weights else ({}, None)
+        if clip:
+            results = {**score_clip(args, env, fake, pairs, clip, notes), **results}
         if not env.is_main:
             return None
-        results = score(args, env, reference, fake_features, ref_features, fake_stats, notes)
-        results["image_size"] = image_size(fake, resized)
-        results["backend"] = (f"{BACKEND} ({os.path.basename(weights)}); uint8 RGB in, TF1-compatible bilinear "
-                              "resize to 299 inside the network")
         report(args, results, fake_stats, notes)
         return results
+
+
+def score_inception(args: argparse.Namespace, env: dist.DistEnv, fake: Dataset, reference: Reference | None,
+                    weights: str, notes: list[str]) -> tuple[dict, FIDStatistics | None]:
+    """FID, IS and precision/recall from Inception features extracted in shards; results and statistics on rank 0."""
+    extractor = load_inception(weights, env.device)
+    fake_features, resized = features_of(fake, args.fake, extractor, env, args, notes)
+    ref_features = None
+    if needs_reference_images(args.metrics, reference):
+        ref_features, _ = features_of(reference.images, reference.path, extractor, env, args, notes)
+    fake_features.gather()  # collective: every rank takes part, rank 0 scores
+    if ref_features is not None:
+        ref_features.gather()
+    fake_stats = fake_features.statistics() if "fid" in args.metrics or args.save_stats else None
+    if not env.is_main:
+        return {}, None
+    results = score(args, env, reference, fake_features, ref_features, fake_stats, notes)
+    results["image_size"] = image_size(fake, resized)
+    results["backend"] = (f"{BACKEND} ({os.path.basename(weights)}); uint8 RGB in, TF1-compatible bilinear "
+                          "resize to 299 inside the network")
+    return results, fake_stats
+
+
+def score_clip(args: argparse.Namespace, env: dist.DistEnv, fake: Dataset, pairs: tuple[Dataset, list[str], int],
+               scorer: ClipScorer, notes: list[str]) -> dict:
+    """The CLIP score of the image-caption pairs, each rank scoring a shard; the results on rank 0."""
+    images, captions, unpaired = pairs
+    accumulator = ClipAccumulator(scorer, [captions[i] for i in shard(images, env.rank, env.world_size).indices])
+    resized = extract_features(images, accumulator, env, args.batch_size, args.num_workers, desc=f"CLIP {args.fake}")
+    scores = accumulator.gather()  # collective
+    if unpaired:
+        notes.append(f"{unpaired} images in {args.fake} have no caption in {args.captions}: not in the CLIP score")
+    return {"num_images": len(scores), "reference": "-", "image_size": image_size(fake, resized),
+            "clip_score": float(scores.mean()), "clip_images": len(scores), "captions": args.captions,
+            "clip_model": args.clip_model,
+            "clip_backend": f"{scorer.description}; mean cosine similarity of image and caption embeddings"}
 
 
 def score(args: argparse.Namespace, env: dist.DistEnv, reference: Reference | None,

@@ -23,6 +23,7 @@ from common.flags import at_least
 from common.losses import LPIPS
 from common.metrics import find_inception_weights, load_inception, reconstruction_metrics
 from common.paths import check_output_dir
+from common.weights import resolve_checkpoint
 from methods import load_tokenizer
 
 
@@ -47,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli_entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.vqvae, args.config = resolve_checkpoint(args.vqvae, args.config)  # a release name: rfid.json goes beside it
     if args.split not in ("val", "train"):
         raise UserError(f"--split must be val or train, got {args.split!r}")
     check_output_dir(os.path.dirname(os.path.abspath(args.vqvae)), "the folder of --vqvae (rfid.json goes there)")

@@ -15,7 +15,8 @@ starting point instead of those defaults, and only the flags given change it; ei
 `key=value` overrides come last. Runs go to --output_dir (our last.pt after every epoch, config.yaml,
 train.log, metrics.jsonl). `--resume DIR` continues our last.pt in DIR, else the official
 checkpoint-last.pth in DIR (weights, EMA and, when it has them, the optimizer state and epoch), else
-training starts from scratch, as officially.
+training starts from scratch, as officially. A last.pt already in --output_dir comes first: a run restarted
+with the same command (torchrun --max-restarts) continues by itself; --fresh starts afresh.
 
 `--evaluate` generates --num_images images (the same number per class, --eval_bsz per process) with
 the EMA weights of the checkpoint in --resume DIR, writes them as PNGs into
@@ -48,7 +49,7 @@ from common.config import Config, apply_overrides, parse_overrides, read_yaml, v
 from common.data import build_dataset_from_config
 from common.errors import CheckpointError, ConfigError, DataError, WeightsError, cli_entry
 from common.knobs import resolve_knobs
-from common.launch import run_training
+from common.launch import latest_checkpoint, run_training
 from common.metrics import (FIDStatistics, InceptionAccumulator, extract_features, find_inception_weights,
                             frechet_distance, inception_score, load_inception)
 from common.metrics.fidelity import check_image_count, write_atomic
@@ -57,6 +58,7 @@ from common.metrics.inception import LOGITS, POOL
 from common.metrics.reference import DEFAULT_STATS_DIR, resolve_reference
 from common.sampler import Sampler, sample_in_shards
 from common.trainer import steps_per_epoch
+from common.weights import resolve_checkpoint_folder
 from mar.cache import CachedLatents
 from mar.model import MAR
 from mar.official import official_mar_state
@@ -134,6 +136,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--vae_config", default=None, help="a kl-vae config of ours for an official VAE file")
     parser.add_argument("--output_dir", default="./output_dir")
     parser.add_argument("--resume", default="", help=f"a folder with {OURS} (ours) or {OFFICIAL} (official)")
+    parser.add_argument("--fresh", action="store_true", help=f"train afresh even if --output_dir holds a {OURS} "
+                                                             "(else the run resumes from it by itself)")
     parser.add_argument("--evaluate", action="store_true", help="generate --num_images images and score them")
     parser.add_argument("--eval_bsz", type=int, default=64, help="images per process and batch")
     parser.add_argument("--num_images", type=int, default=50000)
@@ -238,15 +242,16 @@ def run_args(args: argparse.Namespace, resume_path: str | None, load_path: str =
     return argparse.Namespace(device=args.device, result_path=os.path.dirname(output),
                               model_config=os.path.basename(output) + ".yaml", postfix="",
                               resume=resume_path is not None, load_path=resume_path or load_path, eval=False,
-                              output_flag="--output_dir")
+                              fresh=args.fresh, output_flag="--output_dir")
 
 
 def train(args: argparse.Namespace, config: Config, source: str, env: dist.DistEnv) -> None:
     tokenizer, config = load_vae(args, config, source)
     train_set, val_set = training_sets(args, config, tokenizer)
     resume, load_weights = None, None
-    path = find_checkpoint(args.resume)
-    if path and path.endswith(OURS):
+    own = None if args.fresh else latest_checkpoint(args.output_dir)
+    path = own or find_checkpoint(args.resume)  # a restarted run continues its own progress before --resume's
+    if path and (path == own or path.endswith(OURS)):
         resume = path
     elif path:
         obj = load_file(path)
@@ -383,6 +388,7 @@ def evaluate(args: argparse.Namespace, config: Config, source: str, env: dist.Di
 @cli_entry
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args, extra = parse_args(argv)
+    args.resume = resolve_checkpoint_folder(args.resume)  # a release name (mar-base) stands for its folder
     config, source = build_config(args, extra)
     check_args(args, config)
     env = dist.setup(args.device)

@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import time
-from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -45,7 +44,8 @@ from common.metrics.images import NpzImageWriter
 from common.metrics.inception import LOGITS, POOL
 from common.metrics.reference import DEFAULT_STATS_DIR, resolve_reference
 from common.paths import check_output_dir
-from common.sampler import Sampler, parse_sampling_args, sample_in_shards, sampling_parser
+from common.sampler import (Sampler, add_official_sampling_flags, parse_sampling_args, result_dir, sample_in_shards,
+                            sampling_parser)
 from methods import load_sampler, sampling_knob_schemas
 
 #################################################################################
@@ -64,11 +64,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--stats-dir", default=DEFAULT_STATS_DIR, help="where named reference statistics live")
     parser.add_argument("--no-stats-saving", action="store_false", dest="stats_saving",
                         help="only sample and save images: no Inception features, no scores")
-    parser.add_argument("--no-tensorboard", action="store_true", help="accepted for compatibility (no tensorboard)")
-    for flag in ("--world_size", "--local_rank", "--local-rank"):  # official launch flags; torchrun decides
-        parser.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--dist-backend", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--timeout", type=int, default=None, help=argparse.SUPPRESS)
+    add_official_sampling_flags(parser)
     return parse_sampling_args(parser, argv)
 
 
@@ -78,19 +74,6 @@ def balanced_labels(n_samples: int, num_classes: int) -> torch.Tensor:
         raise ConfigError(f"-n {n_samples} must be a multiple of the number of classes ({num_classes}) "
                           "so that every class gets as many images")
     return torch.arange(num_classes).repeat_interleave(n_samples // num_classes)
-
-
-def result_dir(args: argparse.Namespace, sampler: Sampler) -> str:
-    """The official layout: <save dir>/logs_fid/(valid|valid_ema)/<ckpt>_temp_..._top_p_.../<timestamp>_<seed>."""
-    ckpt = os.path.abspath(args.model_ar_path)
-    parent = os.path.dirname(ckpt)
-    root = (os.path.join(args.save_dir, f"{os.path.basename(os.path.dirname(parent))}_{os.path.basename(parent)}")
-            if args.save_dir else parent)
-    name = f"{os.path.basename(ckpt).split('.')[0]}_{sampler.folder_name()}"
-    stamp = f"{datetime.now().strftime('%d%m%Y_%H%M%S')}_{args.seed}"
-    path = os.path.join(root, "logs_fid", "valid_ema" if sampler.use_ema else "valid", name, stamp)
-    os.makedirs(os.path.join(path, "samples"))
-    return path
 
 
 def images_from_uint8(pixels: np.ndarray) -> torch.Tensor:

@@ -14,13 +14,15 @@ from common.config import read_yaml
 from common.data import build_dataset_from_config
 from common.errors import ConfigError, cli_entry
 from common.launch import resolve_config, run_training, training_parser
+from common.weights import resolve_checkpoint
 from methods import stage1_config_data, stage1_starting_weights, stage1_type
 
 
 def load_weights(task, path: str, use_ema: bool = True) -> None:
     """Fine-tuning start: model weights (and the discriminator when present) from ours or an official file;
-    the task's EMA copies, if any, restart from them."""
-    model_state, disc_state = stage1_starting_weights(load_file(path), path, task.model, use_ema)
+    the task's EMA copies, if any, restart from them. `path` may be a release name."""
+    model_state, disc_state = stage1_starting_weights(load_file(resolve_checkpoint(path).path), path, task.model,
+                                                      use_ema)
     strict_load(task.model, model_state, path)
     if disc_state and hasattr(task, "discriminator"):
         strict_load(task.discriminator, disc_state, path)

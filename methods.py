@@ -13,11 +13,14 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from common.checkpoint import is_our_checkpoint, load_file, strict_load
+from common.code_view import view_for
 from common.errors import CheckpointError, ConfigError
 from common.knobs import Knob
 from common.registry import Method, PriorType, TokenizerType, Weights
 from common.sampler import Sampler, build_sampler
+from common.text_tokenizer import TextTokenizer, text_tokenizer_for
 from common.tokenizer import Tokenizer
+from common.weights import resolve_checkpoint
 from lfq.method import METHOD as LFQ
 from mar.method import METHOD as MAR
 from npp.method import METHOD as NPP
@@ -98,8 +101,9 @@ def stage1_starting_weights(obj: Any, path: str, model: torch.nn.Module, use_ema
 
 
 def stage2_starting_weights(path: str, model: torch.nn.Module) -> Weights:
-    """The prior's weights from our checkpoint or an official file, to start a training run from."""
-    obj = load_file(path)
+    """The prior's weights from our checkpoint, an official file or a released one's name, to start a training
+    run from."""
+    obj = load_file(resolve_checkpoint(path).path)
     if is_our_checkpoint(obj):
         if obj.get("kind") in TOKENIZERS:
             raise CheckpointError(f"{path}: holds a {obj.get('kind')!r} model, not a stage-2 prior; -l takes a "
@@ -123,8 +127,10 @@ def load_tokenizer(path: str, config_path: str | None = None, use_ema: bool = Tr
     Our checkpoints carry their config. Official files are read by their method's hooks: an RQ-VAE
     `.pt` needs `config.yaml` beside it, an Open-MAGVIT2 `.ckpt` its YAML as `config_path`, a LlamaGen
     VQ `.pt` is rebuilt from its weight shapes (or `config_path`). EMA weights are used when the
-    checkpoint has them and `use_ema` is true.
+    checkpoint has them and `use_ema` is true. A release name (`scripts/download.py --list`) stands for its
+    downloaded file, with the config released beside it.
     """
+    path, config_path = resolve_checkpoint(path, config_path)
     obj = load_file(path, map_location)
     if is_our_checkpoint(obj):
         config = obj["config"]
@@ -149,8 +155,9 @@ def load_prior(path: str, tokenizer: Tokenizer, use_ema: bool = True, config_pat
 
     The defaults are the checkpoint's sampling knobs (the training config's `experiment.sample` for
     ours, the release's settings for official files) and `ema`, whether EMA weights were loaded.
-    A tokenizer whose tokens the prior does not model is refused.
+    A tokenizer whose tokens the prior does not model is refused. `path` may be a release name.
     """
+    path, config_path = resolve_checkpoint(path, config_path)
     obj = load_file(path, map_location)
     if is_our_checkpoint(obj):
         found = PRIORS.get(obj.get("kind"))
@@ -161,6 +168,8 @@ def load_prior(path: str, tokenizer: Tokenizer, use_ema: bool = True, config_pat
         ema = use_ema and bool(obj.get("ema"))
         prior = found.build(config["arch"], path)
         strict_load(prior, obj["ema"]["shadow"] if ema else obj["model"], path)
+        if obj.get("text_tokenizer"):  # a text prior's tokenizer travels in our checkpoints
+            prior.text_tokenizer = TextTokenizer.from_state(obj["text_tokenizer"])
         defaults = {**found.sampling_defaults(config), "ema": ema}
     else:
         loaded = first_answer("prior", obj, path, tokenizer, use_ema, config_path)
@@ -185,8 +194,12 @@ def sampling_knob_schemas() -> Iterable[dict[str, Knob]]:
 
 
 def load_sampler(args: argparse.Namespace, assignments: Iterable[str], device: torch.device) -> Sampler:
-    """Tokenizer (-v) and prior (-a) with the knobs of the command line, else the checkpoint's."""
+    """Tokenizer (-v) and prior (-a) with the knobs of the command line, else the checkpoint's; the sampler's
+    tokenizer speaks the prior's code layout (common/code_view.py); a text prior gets its text tokenizer (its
+    checkpoint's, or the released vocabulary its config names, from --text-tokenizer or torch's hub cache)."""
     tokenizer, _ = load_tokenizer(args.model_vqvae_path, args.config)
-    prior, _, defaults = load_prior(args.model_ar_path, tokenizer, use_ema=not args.no_ema)
-    return build_sampler(args, assignments, device, tokenizer, prior, defaults, args.model_ar_path)
+    prior, config, defaults = load_prior(args.model_ar_path, tokenizer, use_ema=not args.no_ema)
+    if getattr(prior, "context_length", 0):
+        prior.text_tokenizer = text_tokenizer_for(prior, config, args.text_tokenizer, args.model_ar_path)
+    return build_sampler(args, assignments, device, view_for(tokenizer, prior), prior, defaults, args.model_ar_path)
 

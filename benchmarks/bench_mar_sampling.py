@@ -1,6 +1,6 @@
 """Our MAR sampler against the official one (LTH14/mar): same random weights, same seed, same outputs.
 
-    python benchmarks/bench_mar_sampling.py --official-repo PATH [--batch-sizes 4 16] [--repeats 3] [--threads 2]
+    python benchmarks/bench_mar_sampling.py --official-repo PATH [--batch-sizes 4 16] [--repeats 5] [--threads 2]
     python benchmarks/bench_mar_sampling.py --official-repo PATH --device cuda --precision bf16 \\
         --num-iter 256 --num-sampling-steps 100 --batch-sizes 64 256
 
@@ -14,22 +14,18 @@ DiffLoss's zero-initialised modulation and output layers would make every sample
 transformer says. Before every run torch's and numpy's global generators are seeded alike; ours runs with
 generator=None, which draws from them exactly as the official sampler does, and the script stops unless
 both give the same latents (max abs difference <= --tolerance x the largest value; with random weights
-the first reverse step amplifies the noise prediction ~1e4 times, so latents reach 1e5). The samplers
-take turns, in alternating order, and each time is the median of --repeats wall-clock runs; the load
-average of the machine (1 minute, before each run) is printed beside it, because other load changes
-the numbers.
+the first reverse step amplifies the noise prediction ~1e4 times, so latents reach 1e5). Timing follows
+benchmarks/protocol.py: the samplers take turns in alternating order, each time is the median (and
+min-max) of --repeats wall-clock runs, the load average is printed at the start and the end, and no
+table comes from a busy machine.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import functools
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -37,6 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.official_code import import_official, official_checkout, require  # noqa: E402
+from benchmarks.protocol import Protocol, add_protocol_flags, print_header, speedup, timed_call  # noqa: E402
 from common.errors import ConfigError, cli_entry  # noqa: E402
 from mar.model import MAR, MAR_MODELS, MAR_SETTINGS  # noqa: E402
 
@@ -49,37 +47,11 @@ DATA_SETTINGS = {"img_size": 256, "vae_stride": 16, "patch_size": 1, "vae_embed_
 # The official sampler, imported at run time (never kept in this repository)
 # ----------------------------------------------------------------------------------------------
 
-def official_sources(repo: str, scratch: str) -> tuple[str, str]:
-    """A folder holding the official `models/` and `diffusion/` packages, and the commit (or 'checkout')."""
-    if os.path.isfile(os.path.join(repo, "models", "mar.py")):
-        return repo, "checkout"
-    git = ["git", f"--git-dir={repo}"]
-    try:
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        archive = subprocess.run([*git, "archive", "HEAD", *OFFICIAL_PACKAGES], capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        raise ConfigError(f"--official-repo {repo}: neither a checkout of LTH14/mar (no models/mar.py) nor a git "
-                          "directory whose HEAD has models/ and diffusion/") from None
-    subprocess.run(["tar", "-x", "-C", scratch], input=archive, check=True)
-    return scratch, commit[:12]
-
-
-def import_official_mar(source: str):
-    """The official `models.mar` module. Any modules named like its packages are set aside while it is
-    imported, and the official ones are renamed `official_<name>` after."""
-    try:
-        importlib.import_module("timm")
-    except ImportError:
-        raise ConfigError("--official-repo: the official code needs timm; pip install timm") from None
-    ours = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] in OFFICIAL_PACKAGES}
-    sys.path.insert(0, os.path.abspath(source))
-    try:
-        return importlib.import_module("models.mar")
-    finally:
-        sys.path.remove(os.path.abspath(source))
-        for name in [name for name in sys.modules if name.split(".")[0] in OFFICIAL_PACKAGES]:
-            sys.modules[f"official_{name}"] = sys.modules.pop(name)
-        sys.modules.update(ours)
+def import_official_mar(repo: str):
+    """The official `models.mar` module (renamed `official_models.mar` after the import) and its commit."""
+    require("timm")
+    with official_checkout(repo, OFFICIAL_PACKAGES, "models/mar.py", "LTH14/mar") as (source, commit):
+        return import_official(source, "models.mar", OFFICIAL_PACKAGES), commit
 
 
 @contextlib.contextmanager
@@ -122,16 +94,15 @@ def timed(sample: Callable, labels: torch.Tensor, knobs: dict, args: argparse.Na
     """Wall-clock seconds of one seeded call and its latents (float32, on the CPU)."""
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    with torch.no_grad(), autocast:
-        latents = sample(labels, knobs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, latents.float().cpu()
+
+    def call() -> torch.Tensor:
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        with torch.no_grad(), autocast:
+            return sample(labels, knobs)
+
+    seconds, latents = timed_call(call, device)
+    return seconds, latents.float().cpu()
 
 
 @cli_entry
@@ -149,16 +120,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per sampler and batch size; the median counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight-noise", type=float, default=0.02, help="std of the noise added to every weight")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed max abs difference relative to the largest value (default 1e-4 in "
                              "fp32; bf16 is not checked unless given: the two round differently)")
+    add_protocol_flags(parser)
     args = parser.parse_args()
-    if args.repeats < 1 or args.num_iter < 1 or min(args.batch_sizes) < 1:
-        raise ConfigError("--repeats, --num-iter and --batch-sizes must be >= 1")
+    if args.num_iter < 1 or min(args.batch_sizes) < 1:
+        raise ConfigError("--num-iter and --batch-sizes must be >= 1")
     tolerance = args.tolerance if args.tolerance is not None else (1e-4 if args.precision == "fp32" else None)
+    protocol = Protocol.start(args)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -176,9 +148,7 @@ def main() -> None:
 
     official = "-"
     if args.official_repo:
-        with tempfile.TemporaryDirectory(prefix="official-mar-") as scratch:  # imported, the files can go
-            source, official = official_sources(args.official_repo, scratch)
-            module = import_official_mar(source)
+        module, official = import_official_mar(args.official_repo)
         samplers = {"official": official_sampler(module, args.model, ours, args.num_sampling_steps, device),
                     **samplers}
     warm_up = {**knobs, "num_iter": 2}
@@ -190,35 +160,32 @@ def main() -> None:
           f"{args.num_sampling_steps} diffusion steps, cfg {args.cfg} {args.cfg_schedule}, temperature "
           f"{args.temperature}, {args.precision} on {device}"
           + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
-          + f", wall time, median of {args.repeats}; official code {official}")
-    header = (f"{'batch':>5} | {'official images/s':>17} | {'ours images/s':>13} | {'speed-up':>8} | "
-              f"{'max abs diff':>12} | {'max abs value':>13} | load avg (1 min)")
-    print(header)
-    print("-" * len(header))
+          + f", wall time, median (min-max) of {args.repeats}; official code {official}")
+    header = (f"{'batch':>5} | {'official s':>20} | {'ours s':>20} | {'official images/s':>17} | "
+              f"{'ours images/s':>13} | {'speed-up':>19} | {'max abs diff':>12} | {'max abs value':>13}")
+    print_header(header)
     for batch_size in args.batch_sizes:
         labels = torch.randint(0, ours.num_classes, (batch_size,), generator=torch.Generator().manual_seed(
             args.seed)).to(device)
-        runs: dict[str, list[tuple[float, torch.Tensor]]] = {name: [] for name in samplers}
-        loads = []
-        for repeat in range(args.repeats):  # in turns, so that load from elsewhere hits both alike
-            for name in (list(samplers) if repeat % 2 == 0 else list(reversed(samplers))):
-                loads.append(os.getloadavg()[0])
-                runs[name].append(timed(samplers[name], labels, knobs, args, device))
-        seconds = {name: statistics.median(s for s, _ in results) for name, results in runs.items()}
-        rate = {name: batch_size / s for name, s in seconds.items()}
-        load = f"{min(loads):.1f}-{max(loads):.1f}"
+        runs = protocol.alternate({name: functools.partial(timed, sample, labels, knobs, args, device)
+                                   for name, sample in samplers.items()}, f"batch {batch_size}")
+        rate = {name: batch_size / result.spread.median for name, result in runs.items()}
         if "official" not in runs:
-            print(f"{batch_size:>5} | {'-':>17} | {rate['ours']:>13.3f} | {'-':>8} | {'-':>12} | {'-':>13} | {load}")
+            print(f"{batch_size:>5} | {'-':>20} | {str(runs['ours'].spread):>20} | {'-':>17} | "
+                  f"{rate['ours']:>13.3f} | {'-':>19} | {'-':>12} | {'-':>13}", flush=True)
             continue
-        reference = runs["official"][0][1]
+        reference = runs["official"].outputs[0]
         largest = reference.abs().max().item()
-        difference = max((latents - reference).abs().max().item() for _, latents in runs["ours"] + runs["official"])
+        difference = max((latents - reference).abs().max().item()
+                         for result in runs.values() for latents in result.outputs)
         if tolerance is not None and not difference <= tolerance * largest:
             raise SystemExit(f"batch {batch_size}: our latents differ from the official ones by {difference:.3g} "
                              f"(largest value {largest:.3g}, tolerance {tolerance:g} of it): not the same sampler")
-        print(f"{batch_size:>5} | {rate['official']:>17.3f} | {rate['ours']:>13.3f} | "
-              f"{seconds['official'] / seconds['ours']:>7.2f}x | {difference:>12.3g} | {largest:>13.3g} | {load}",
-              flush=True)
+        print(f"{batch_size:>5} | {str(runs['official'].spread):>20} | {str(runs['ours'].spread):>20} | "
+              f"{rate['official']:>17.3f} | {rate['ours']:>13.3f} | "
+              f"{speedup(runs['official'].spread, runs['ours'].spread):>19} | {difference:>12.3g} | "
+              f"{largest:>13.3g}", flush=True)
+    protocol.finish()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
 """Our KV-cached RQ-Transformer sampler against the official one (kakaobrain/rq-vae-transformer), same weights.
 
-    python benchmarks/bench_rqtransformer_vs_official.py --official-repo ../rq-vae-transformer --threads 1
+    python benchmarks/bench_rqtransformer_vs_official.py --official-repo ../rq-vae-transformer --threads 2
     python benchmarks/bench_rqtransformer_vs_official.py --model medium --batch-sizes 32 --device cuda \\
         --precision bf16 --official-repo ../rq-vae-transformer
 
 The prior is a measure_throughput preset (default `small`: 90M parameters, 8x8x4 codes of a
 16384-code book) with random weights, sampling class 0 with top-k and top-p off as measure_throughput
 does (--top-k / --top-p set both samplers' filters). With --official-repo, a checkout of the official
-code (it needs `pip install omegaconf`), the official RQTransformer is built from the same config, loads
-the same weights and samples from the same seed, and the table gives the speed-up and whether both drew
-the same codes; without it only our numbers are printed. `--uncached` adds our full-forward path
-(slow: one forward pass per code). Samplers take turns and each time is the best of --repeats runs, so
-other load on the machine hits both alike.
+code or its git directory (it needs `pip install omegaconf`), the official RQTransformer is built from
+the same config, loads the same weights and samples from the same seed, and the table gives the
+speed-up and whether both drew the same codes; without it only our numbers are printed. `--uncached`
+adds our full-forward path (slow: one forward pass per code). Timing follows benchmarks/protocol.py:
+the samplers take turns, each time is the median (and min-max) of --repeats runs, and no table comes
+from a busy machine.
 """
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import importlib
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.official_code import import_official, official_checkout, require  # noqa: E402
+from benchmarks.protocol import Protocol, add_protocol_flags, print_header, speedup, timed_call  # noqa: E402
 from common.errors import ConfigError, cli_entry  # noqa: E402
 from measure_throughput.presets import PRIORS, prior_arch  # noqa: E402
 from rqvae.transformer import RQTransformer  # noqa: E402
@@ -56,28 +58,22 @@ def dataclass_with_default_factories(original: Callable) -> Callable:
     return decorate
 
 
-def import_official_rqtransformer(repo: str):
-    """The official `rqvae.models.rqtransformer` module. Its package is also called `rqvae`, so ours is set
-    aside in sys.modules while it is imported, and the official modules are renamed `official_rqvae...` after."""
-    if not os.path.isdir(os.path.join(repo, "rqvae", "models", "rqtransformer")):
-        raise ConfigError(f"--official-repo {repo}: no rqvae/models/rqtransformer in it; pass a checkout of "
-                          "kakaobrain/rq-vae-transformer")
-    try:
-        importlib.import_module("omegaconf")
-    except ImportError:
-        raise ConfigError("--official-repo: the official code needs omegaconf; pip install omegaconf") from None
-    ours = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] == "rqvae"}
+@contextlib.contextmanager
+def lenient_dataclasses() -> Iterator[None]:
     original = dataclasses.dataclass
     dataclasses.dataclass = dataclass_with_default_factories(original)
-    sys.path.insert(0, os.path.abspath(repo))
     try:
-        return importlib.import_module("rqvae.models.rqtransformer")
+        yield
     finally:
         dataclasses.dataclass = original
-        sys.path.pop(0)
-        for name in [name for name in sys.modules if name.split(".")[0] == "rqvae"]:
-            sys.modules[f"official_{name}"] = sys.modules.pop(name)
-        sys.modules.update(ours)
+
+
+def import_official_rqtransformer(repo: str):
+    """The official `rqvae.models.rqtransformer` module, renamed `official_rqvae...` beside ours (same package name)."""
+    require("omegaconf")
+    with official_checkout(repo, ("rqvae",), "rqvae/models/rqtransformer/__init__.py",
+                           "kakaobrain/rq-vae-transformer") as (source, _), lenient_dataclasses():
+        return import_official(source, "rqvae.models.rqtransformer", ("rqvae",))
 
 
 class CodebookLookup:
@@ -113,18 +109,15 @@ def official_sampler(repo: str, arch: dict, ours: RQTransformer, device: torch.d
 def timed(sample: Callable, cond: torch.Tensor, args: argparse.Namespace, device: torch.device
           ) -> tuple[float, torch.Tensor]:
     """Seconds of one call (seeded global RNG, as the official sampler draws from it) and its codes."""
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = clock()
-    with torch.no_grad(), autocast:
-        codes = sample(cond, args.top_k, args.top_p)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return clock() - start, codes
+
+    def call() -> torch.Tensor:
+        torch.manual_seed(args.seed)
+        with torch.no_grad(), autocast:
+            return sample(cond, args.top_k, args.top_p)
+
+    return timed_call(call, device, time.process_time if args.clock == "cpu" else time.perf_counter)
 
 
 @cli_entry
@@ -140,13 +133,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per sampler and batch size; the best counts")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="cpu: this process's CPU time, steadier than wall time on a busy CPU machine")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--official-repo", default=None, help="checkout of kakaobrain/rq-vae-transformer")
+    parser.add_argument("--official-repo", default=None,
+                        help="checkout or git directory of kakaobrain/rq-vae-transformer")
     parser.add_argument("--uncached", action="store_true", help="also time our uncached path (slow)")
+    add_protocol_flags(parser)
     args = parser.parse_args()
+    if min(args.batch_sizes) < 1:
+        raise ConfigError("--batch-sizes must be >= 1")
+    protocol = Protocol.start(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -167,24 +164,23 @@ def main() -> None:
     print(f"RQ-Transformer sampling: preset {args.model} ({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M), "
           f"{h}x{w}x{d} codes of {args.c}, top-k {args.top_k}, top-p {args.top_p}, {args.precision} on {device}, "
           f"{args.clock} time"
-          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""))
-    print(f"{'batch':>5} | {'sampler':<16} | {'s / batch':>9} | {'images / s':>10} | {'ms / sample':>11} | "
-          f"{'vs official':>11} | same codes as official")
-    print("-" * 100)
+          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+          + f"; seconds per batch, median (min-max) of {args.repeats}")
+    header = (f"{'batch':>5} | {'sampler':<16} | {'s / batch':>20} | {'images / s':>10} | {'ms / sample':>11} | "
+              f"{'vs official':>19} | same codes as official")
+    print_header(header)
     for batch_size in args.batch_sizes:
         cond = torch.zeros(batch_size, dtype=torch.long, device=device)
-        runs: dict[str, list] = {name: [] for name in samplers}
-        for _ in range(args.repeats):  # in turns, so that load from elsewhere hits every sampler alike
-            for name, sample in samplers.items():
-                runs[name].append(timed(sample, cond, args, device))
-        best = {name: min(seconds for seconds, _ in results) for name, results in runs.items()}
+        runs = protocol.alternate({name: functools.partial(timed, sample, cond, args, device)
+                                   for name, sample in samplers.items()}, f"batch {batch_size}")
         reference = runs.get("official, cached")
-        for name, results in runs.items():
-            seconds = best[name]
-            ratio = f"{best['official, cached'] / seconds:.2f}x" if reference else "-"
-            same = str(torch.equal(results[0][1], reference[0][1])) if reference else "-"
-            print(f"{batch_size:>5} | {name:<16} | {seconds:>9.2f} | {batch_size / seconds:>10.2f} | "
-                  f"{1000 * seconds / batch_size:>11.1f} | {ratio:>11} | {same}")
+        for name, result in runs.items():
+            seconds = result.spread.median
+            ratio = speedup(reference.spread, result.spread) if reference else "-"
+            same = str(all(torch.equal(codes, reference.outputs[0]) for codes in result.outputs)) if reference else "-"
+            print(f"{batch_size:>5} | {name:<16} | {str(result.spread):>20} | {batch_size / seconds:>10.2f} | "
+                  f"{1000 * seconds / batch_size:>11.1f} | {ratio:>19} | {same}", flush=True)
+    protocol.finish()
 
 
 if __name__ == "__main__":

@@ -12,15 +12,18 @@ import os
 import pickle
 import random
 import re
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from common.errors import CheckpointError, first_line
+from common.fsdp import shard_state_dict
 from common.paths import require_file
 
 FORMAT = "argen-checkpoint/1"
+DCP_METADATA = ".metadata"  # what marks a folder written by torch.distributed.checkpoint (experiment.dcp)
 STALE_TEMPORARY = re.compile(r"\..+\.tmp(\d+)")  # save_checkpoint's `.<name>.tmp<pid>`
 # What torch's data-only reader says when the pickle would import or call something: code, never loaded
 CODE_REFUSALS = ("not an allowed global", "is blocked", "unrecognized function", "Can only create new object",
@@ -51,7 +54,8 @@ def remove_stale_temporaries(directory: str) -> list[str]:
     for name in sorted(os.listdir(directory)):
         match = STALE_TEMPORARY.fullmatch(name)
         if match and (int(match.group(1)) == os.getpid() or not process_running(int(match.group(1)))):
-            os.remove(os.path.join(directory, name))
+            path = os.path.join(directory, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)  # a folder: a sharded checkpoint's
             removed.append(name)
     return removed
 
@@ -67,8 +71,13 @@ def process_running(pid: int) -> bool:
     return True
 
 
-def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
-    """`torch.load(path, weights_only=True)` with every failure turned into one clear CheckpointError."""
+def load_file(path: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` with every failure turned into one clear CheckpointError. `mmap`: the
+    tensors stay in the file until used (processes of one host that all read it share its pages)."""
+    if os.path.isfile(os.path.join(path, DCP_METADATA)):
+        raise CheckpointError(f"{path}: a sharded checkpoint folder (torch.distributed.checkpoint, experiment.dcp), "
+                              "not a checkpoint file; training resumes from it, and `python scripts/dcp_to_file.py "
+                              f"{path} FILE.pt` makes the one file this needs")
     require_file(path, "checkpoint", CheckpointError)
     try:
         with open(path, "rb") as handle:
@@ -80,7 +89,7 @@ def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
     try:
         # argparse.Namespace: official training scripts (LlamaGen, NPP) store their arguments in it; plain data
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if any(mark in str(error) for mark in CODE_REFUSALS):
             raise CheckpointError(f"{path}: refused, the file contains Python objects or code, not only tensors "
@@ -106,9 +115,9 @@ def is_our_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load one of our own checkpoints; anything else is a CheckpointError."""
-    obj = load_file(path, map_location)
+    obj = load_file(path, map_location, mmap)
     if not is_our_checkpoint(obj):
         raise CheckpointError(f"{path}: not a checkpoint of this codebase (no '{FORMAT}' tag); "
                               "official checkpoints are read by the method's loader (see README)")
@@ -164,10 +173,11 @@ def weight_mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, 
 
 
 def strict_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict(strict=True)` whose failure lists the missing, unexpected and mis-shaped keys."""
+    """`load_state_dict(strict=True)` whose failure lists the missing, unexpected and mis-shaped keys; full
+    weights load into an FSDP-sharded module too (each rank takes its shard)."""
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{source}: holds a {type(state_dict).__name__} where the model's weights should be")
     problems = weight_mismatches(module.state_dict(), state_dict)
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the model built from its config; " + "; ".join(problems))
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(shard_state_dict(module.state_dict(), state_dict), strict=True)

@@ -10,6 +10,10 @@ Dataset types: `shapes` (built in, procedurally drawn, needs no files), `folder`
 `imagenet_u` (ImageNet without labels, as the official RQ-VAE), `ffhq`, `lsun-church`,
 `lsun-bedroom`, `lsun-cat` (LSUN exported from lmdb to image folders). The official RQ-VAE
 spellings (`LSUN-church`, transform `ffhq256x256`) are accepted as written.
+
+Caption datasets add `"caption": str` to each item (label -1 when there is no class): `captions`
+(an image folder and a captions file), `cc3m` (the official CC-3M layout), `coco_2014val`
+(MS-COCO 2014 val captions), and `shapes` with `captions: true` (see common/captions.py).
 """
 from __future__ import annotations
 
@@ -17,15 +21,19 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.utils import make_grid
 
+from common.captions import (cc3m_list_file, coco_annotations_file, coco_captions, coco_image_folder,
+                             default_captions_file, read_captioned_files, require_images)
 from common.config import ANY, Field
 from common.errors import DataError
 
@@ -33,11 +41,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # compared lower-
 SPLITS = ("train", "val")
 
 DATASET_SCHEMA = {
-    "type": Field(str, doc="shapes, folder, imagenet, imagenet_u, ffhq, lsun-church, lsun-bedroom, lsun-cat"),
-    "root": Field(str, None, doc="image folder; default data/<type> (data/imagenet for imagenet_u)"),
+    "type": Field(str, doc="shapes, folder, imagenet, imagenet_u, ffhq, lsun-church, lsun-bedroom, lsun-cat, "
+                           "captions, cc3m, coco_2014val"),
+    "root": Field(str, None, doc="image folder; default data/<type> (data/imagenet for imagenet_u, data/coco for "
+                                 "coco_2014val)"),
+    "captions_file": Field(str, None, doc="captions: a .tsv (file<TAB>caption) or .jsonl ({file, caption}), files "
+                                          "relative to root (default root/captions.jsonl or root/captions.tsv); "
+                                          "coco_2014val: the annotation JSON (default: the official 30K sample "
+                                          "file, else captions_val2014.json)"),
+    "captions": Field(bool, False, doc="shapes: caption each image from its class, colour and position"),
     "transforms": {
-        "type": Field(str, None, doc="ffhq, imagenet, lsun, center_crop, random_crop, openmagvit2, none, "
-                                     "or an official name (ffhq256x256, imagenet256x256, LSUN-church); "
+        "type": Field(str, None, doc="ffhq, imagenet, lsun, center_crop, random_crop, openmagvit2, dalle-vqvae, "
+                                     "none, or an official name (ffhq256x256, imagenet256x256, LSUN-church); "
                                      "default: the dataset's official transform"),
     },
     "resolution": Field(int, None, minimum=1,
@@ -56,7 +71,8 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-_AUGMENT_STREAM, _DRAW_STREAM = 1, 2  # keep augmentation and shape drawing on separate random streams
+# Augmentation, shape drawing and captioned-shape drawing on separate random streams.
+_AUGMENT_STREAM, _DRAW_STREAM, _CAPTIONED_DRAW_STREAM = 1, 2, 3
 
 
 class AugmentedDataset(Dataset):
@@ -88,7 +104,7 @@ class AugmentedDataset(Dataset):
 # Transforms
 # ----------------------------------------------------------------------------------------------
 
-TRANSFORM_KINDS = ("ffhq", "imagenet", "lsun", "center_crop", "random_crop", "openmagvit2", "none")
+TRANSFORM_KINDS = ("ffhq", "imagenet", "lsun", "center_crop", "random_crop", "openmagvit2", "dalle-vqvae", "none")
 _FLIPS_BY_DEFAULT = {"ffhq", "imagenet", "center_crop", "random_crop"}  # official training recipes that flip
 _TO_TENSOR = [T.ToTensor(), T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])]  # uint8 v -> v / 127.5 - 1
 
@@ -150,12 +166,32 @@ class CheckSize:
         return image
 
 
+class DalleCrop:
+    """The official CC-3M training crop (`dalle-vqvae`, DALL-E's): a square of the short side whose offset is drawn
+    from the middle quarter of the slack, resized to a side drawn in [size, 9/8 size] (at most the short side)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    @staticmethod
+    def offset(slack: int) -> int:
+        low = 3 * slack // 8
+        return int(torch.randint(low, max(low + 1, 5 * slack // 8), ()))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        side = min(image.size)
+        top, left = self.offset(image.height - side), self.offset(image.width - side)  # the official draw order
+        largest = max(min(side, round(9 / 8 * self.size)), self.size)
+        target = int(torch.randint(self.size, largest + 1, ()))
+        return TF.resize(TF.crop(image, top, left, side, side), [target, target])
+
+
 def build_transform(name: str, resolution: int, train: bool, flip: bool | None = None) -> T.Compose:
     """The official pipeline `name` at `resolution`: PIL RGB image -> (3, res, res) float in [-1, 1].
 
     `flip` switches the random horizontal flip of training on or off; None keeps the official
     choice of that pipeline (ffhq, imagenet, center_crop, random_crop flip; lsun, openmagvit2,
-    none do not). Evaluation never flips.
+    dalle-vqvae, none do not). Evaluation never flips.
     """
     if name not in TRANSFORM_KINDS:
         raise DataError(f"dataset.transforms.type {name!r} is not known; choose one of {', '.join(TRANSFORM_KINDS)}, "
@@ -172,6 +208,10 @@ def build_transform(name: str, resolution: int, train: bool, flip: bool | None =
         steps = [RandomCropArr(resolution)]
     elif name in ("center_crop", "random_crop"):
         steps = [CenterCropArr(resolution)]
+    elif name == "dalle-vqvae" and train:
+        steps = [DalleCrop(resolution), T.RandomCrop(resolution)]
+    elif name == "dalle-vqvae":
+        steps = [T.Resize((resolution, resolution))]  # officially a squash, not a crop
     else:
         steps = [CheckSize(resolution)]
     steps += _TO_TENSOR
@@ -248,24 +288,36 @@ SHAPES: dict[str, list[tuple[np.ndarray, int]]] = {
 }
 
 
-def draw_shape(kind: str, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """One (res, res, 3) uint8 image: a shape of `kind` with random size, place, angle, colours and background.
+def supersampling(resolution: int) -> int:
+    """How many times larger than the image shape masks are drawn before box-downsampling (smooth edges)."""
+    return 4 if resolution <= 64 else 2
 
-    The mask is drawn at 2x-4x and box-downsampled for smooth edges, then blended over a flat or
-    two-colour gradient background.
-    """
-    supersample = 4 if resolution <= 64 else 2
+
+def shape_alpha(kind: str, resolution: int, radius: float, center: np.ndarray, angle: float) -> Image.Image:
+    """The (res, res) coverage mask of a shape of `kind` turned by `angle`; `radius` and `center` (x, y) are in
+    pixels of the supersampled canvas."""
+    supersample = supersampling(resolution)
     canvas = resolution * supersample
-    radius = rng.uniform(0.2, 0.4) * canvas
-    center = rng.uniform(radius, canvas - radius, size=2)
-    angle = rng.uniform(0, 2 * math.pi)
     rotation = np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
     mask = Image.new("L", (canvas, canvas), 0)
     pen = ImageDraw.Draw(mask)
     for outline, fill in SHAPES[kind]:
         points = outline @ rotation * radius + center
         pen.polygon([tuple(p) for p in points.tolist()], fill=fill)
-    alpha = mask.reduce(supersample)  # box filter down to (res, res)
+    return mask.reduce(supersample)  # box filter down to (res, res)
+
+
+def draw_shape(kind: str, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """One (res, res, 3) uint8 image: a shape of `kind` with random size, place, angle, colours and background.
+
+    The mask is drawn at 2x-4x and box-downsampled for smooth edges, then blended over a flat or
+    two-colour gradient background.
+    """
+    canvas = resolution * supersampling(resolution)
+    radius = rng.uniform(0.2, 0.4) * canvas
+    center = rng.uniform(radius, canvas - radius, size=2)
+    angle = rng.uniform(0, 2 * math.pi)
+    alpha = shape_alpha(kind, resolution, radius, center, angle)
 
     first = rng.uniform(0, 255, size=3)
     if rng.uniform() < 0.5:
@@ -318,6 +370,79 @@ class ShapesDataset(AugmentedDataset):
         return {"image": self.augment(self.draw(index), index), "label": index % self.num_classes, "skipped": 0}
 
 
+SHAPE_COLOURS = {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 160, 60),
+                 "blue": (40, 80, 220), "purple": (140, 50, 180), "white": (245, 245, 245), "black": (20, 20, 20)}
+PLACES = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
+
+
+def with_article(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+@dataclass(frozen=True)
+class ShapeScene:
+    """What one captioned shape image shows. `radius` and `center` (x, y) are in supersampled canvas pixels."""
+
+    kind: str
+    colour: str
+    background: str
+    row: int  # 0 top, 1 middle, 2 bottom third of the image
+    column: int  # 0 left, 1 middle, 2 right third
+    radius: float
+    center: tuple[float, float]
+    angle: float
+
+    @property
+    def caption(self) -> str:
+        return (f"{with_article(self.colour)} {self.kind} on {with_article(self.background)} background, "
+                f"{PLACES[self.row][self.column]}")
+
+
+def random_scene(kind: str, resolution: int, rng: np.random.Generator) -> ShapeScene:
+    """A shape of `kind` in two different named colours, centred in a random one of nine places."""
+    canvas = resolution * supersampling(resolution)
+    colour, background = rng.choice(len(SHAPE_COLOURS), size=2, replace=False)
+    row, column = rng.integers(3, size=2)
+    radius = rng.uniform(0.12, 0.16) * canvas
+    # Centres near 0.2, 0.5, 0.8 of each side: inside their third, and the shape inside the image.
+    x, y = (0.2 + 0.3 * np.array([column, row]) + rng.uniform(-0.03, 0.03, size=2)) * canvas
+    angle = rng.uniform(0, 2 * math.pi)
+    names = list(SHAPE_COLOURS)
+    return ShapeScene(kind, names[colour], names[background], int(row), int(column), radius, (x, y), angle)
+
+
+def draw_scene(scene: ShapeScene, resolution: int) -> np.ndarray:
+    """The (res, res, 3) uint8 pixels of `scene`: the shape in its colour over a plain background."""
+    alpha = shape_alpha(scene.kind, resolution, scene.radius, np.array(scene.center), scene.angle)
+    shape = Image.new("RGB", alpha.size, SHAPE_COLOURS[scene.colour])
+    return np.array(Image.composite(shape, Image.new("RGB", alpha.size, SHAPE_COLOURS[scene.background]), alpha))
+
+
+class CaptionedShapesDataset(ShapesDataset):
+    """The built-in shapes for text-to-image, each with a caption that is true of it ("a red star on a blue
+    background, top left"): named colours and nine places, drawn on their own random stream, so the uncaptioned
+    shapes stay as they are. No flip, which would turn left into right."""
+
+    def __init__(self, split: str = "train", resolution: int = 32, num_samples: int | None = None, seed: int = 0):
+        super().__init__(split, resolution, num_samples, seed)
+
+    def scene(self, index: int) -> ShapeScene:
+        rng = np.random.default_rng([self.seed, _CAPTIONED_DRAW_STREAM, SPLITS.index(self.split), index])
+        return random_scene(self.class_names[index % self.num_classes], self.resolution, rng)
+
+    def draw(self, index: int) -> np.ndarray:
+        return draw_scene(self.scene(index), self.resolution)
+
+    @property
+    def captions(self) -> list[str]:
+        return [self.scene(index).caption for index in range(len(self))]
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        item["caption"] = self.scene(index).caption
+        return item
+
+
 # ----------------------------------------------------------------------------------------------
 # Image folders
 # ----------------------------------------------------------------------------------------------
@@ -338,12 +463,14 @@ class ImageFolderDataset(AugmentedDataset):
     """Images from a list of files. An unreadable file never stops an epoch: it is reported once
     (UnreadableImageWarning) and the next readable index (wrapping) is returned in its place with
     "skipped" = 1, so summing "skipped" over batches counts the unreadable files drawn while the
-    batch shape stays constant (DDP needs that)."""
+    batch shape stays constant (DDP needs that). With `captions`, each item has the "caption" of the
+    image it holds (the neighbour's, when one was skipped)."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, seed: int = 0,
-                 root: str = ""):
+                 root: str = "", captions: Sequence[str] | None = None):
         super().__init__(transform, seed)
         self.paths, self.labels, self.root = list(paths), list(labels), root
+        self.captions = list(captions) if captions is not None else None
         self.unreadable: set[int] = set()  # per process: each DataLoader worker learns on its own
 
     def __len__(self) -> int:
@@ -369,8 +496,11 @@ class ImageFolderDataset(AugmentedDataset):
             position = (index + offset) % len(self)
             image = self.load(position)
             if image is not None:
-                return {"image": self.augment(image, index), "label": self.labels[position],
+                item = {"image": self.augment(image, index), "label": self.labels[position],
                         "skipped": int(offset > 0)}
+                if self.captions is not None:
+                    item["caption"] = self.captions[position]
+                return item
         raise DataError(f"none of the {len(self)} images under {self.root} can be read; check dataset.root")
 
 
@@ -430,8 +560,11 @@ def evenly_spaced(count: int, total: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 _DEFAULT_TRANSFORM = {"folder": "center_crop", "imagenet": "imagenet", "imagenet_u": "imagenet", "ffhq": "ffhq",
-                      "lsun-church": "lsun", "lsun-bedroom": "lsun", "lsun-cat": "lsun"}
+                      "lsun-church": "lsun", "lsun-bedroom": "lsun", "lsun-cat": "lsun",
+                      "captions": "center_crop", "cc3m": "dalle-vqvae", "coco_2014val": "dalle-vqvae"}
 DATASET_TYPES = ("shapes", *_DEFAULT_TRANSFORM)
+CAPTION_TYPES = ("captions", "cc3m", "coco_2014val")
+_DEFAULT_ROOT = {"imagenet_u": os.path.join("data", "imagenet"), "coco_2014val": os.path.join("data", "coco")}
 
 
 def check_split(split: str) -> None:
@@ -439,40 +572,93 @@ def check_split(split: str) -> None:
         raise DataError(f"split {split!r} (--split / dataset.split) must be 'train' or 'val'")
 
 
+def check_dataset_type(type: str) -> str:
+    """The lower-cased dataset type, refused when unknown."""
+    if type.lower() not in DATASET_TYPES:
+        raise DataError(f"dataset.type {type!r} is not known; choose one of {', '.join(DATASET_TYPES)}")
+    return type.lower()
+
+
+def dataset_root(kind: str, root: str | None) -> str:
+    """`root`, else the type's default folder (data/<type>); folder and captions have none."""
+    if root is not None:
+        return root
+    if kind in ("folder", "captions"):
+        raise DataError(f"dataset.root is required for dataset.type {kind}; set dataset.root=PATH")
+    return _DEFAULT_ROOT.get(kind, os.path.join("data", kind))
+
+
+def kept_indices(num_samples: int | None, total: int) -> list[int] | None:
+    """The evenly spaced subset `dataset.num_samples` keeps of `total` items; None keeps all."""
+    if num_samples is None:
+        return None
+    if num_samples < 1:
+        raise DataError(f"dataset.num_samples must be a positive int, got {num_samples}")
+    return evenly_spaced(min(num_samples, total), total)
+
+
+def caption_entries(kind: str, split: str, root: str, captions_file: str | None
+                    ) -> tuple[str, list[str], list[str]]:
+    """(the file that lists them, image names, captions) of a caption dataset; the images are not looked at.
+    Names are relative to `root`, or for coco_2014val to its val2014 folder. A caption set has no train/val
+    division except CC-3M's: the other types serve the same items for both splits."""
+    if captions_file is not None and kind not in ("captions", "coco_2014val"):
+        raise DataError(f"dataset.captions_file is read by dataset.type captions and coco_2014val, not {kind}; "
+                        "remove it")
+    if kind == "coco_2014val":
+        annotations = coco_annotations_file(root, captions_file)
+        return (annotations, *coco_captions(annotations))
+    listing = cc3m_list_file(root, split) if kind == "cc3m" else captions_file or default_captions_file(root)
+    return (listing, *read_captioned_files(listing))
+
+
 def build_dataset(type: str, split: str, root: str | None = None, resolution: int | None = None,
                   transform: str | None = None, flip: bool | None = None, num_samples: int | None = None,
-                  seed: int = 0, augment: bool | None = None) -> AugmentedDataset:
+                  seed: int = 0, augment: bool | None = None, captions_file: str | None = None,
+                  captions: bool = False) -> AugmentedDataset:
     """A dataset by name. `transform` is one of TRANSFORM_KINDS or an official RQ-VAE name (which
     fixes the resolution); it defaults to the dataset's official transform. `flip` applies to the
     train split only (None: the transform's official choice). `root` defaults to data/<type>.
-    `augment` picks the training (random) or the evaluation form of the transform; default: train split."""
-    kind = type.lower()
-    if kind not in DATASET_TYPES:
-        raise DataError(f"dataset.type {type!r} is not known; choose one of {', '.join(DATASET_TYPES)}")
+    `augment` picks the training (random) or the evaluation form of the transform; default: train split.
+    `captions_file` lists the images of a `captions` dataset (or is COCO's annotation file); `captions`
+    captions the shapes."""
+    kind = check_dataset_type(type)
     check_split(split)
     augment = split == "train" if augment is None else augment
+    if captions and kind != "shapes":
+        raise DataError(f"dataset.captions applies to the built-in shapes; dataset.type {kind} "
+                        f"{'has its captions already' if kind in CAPTION_TYPES else 'has no captions'}")
     if kind == "shapes":
         if transform not in (None, "none"):
             raise DataError(f"dataset.transforms.type {transform!r}: shapes are drawn at dataset.resolution; "
                             "leave the transform unset")
-        return ShapesDataset(split, resolution or 32, num_samples, seed, flip=bool(flip) and augment)
+        if not captions:
+            return ShapesDataset(split, resolution or 32, num_samples, seed, flip=bool(flip) and augment)
+        if flip and augment:
+            raise DataError("dataset.flip: a flip would turn left into right in the shapes' captions; "
+                            "set dataset.flip=false with dataset.captions=true")
+        return CaptionedShapesDataset(split, resolution or 32, num_samples, seed)
 
     name, resolution = resolve_transform(transform or _DEFAULT_TRANSFORM[kind], resolution)
     pipeline = build_transform(name, resolution or 256, train=augment, flip=flip)
-    if kind == "folder" and root is None:
-        raise DataError("dataset.root is required for dataset.type folder; set dataset.root=PATH")
-    root = root if root is not None else os.path.join("data", "imagenet" if kind == "imagenet_u" else kind)
+    root = dataset_root(kind, root)
     require_folder(root, f"the {kind} images")
-    if kind.startswith("imagenet"):
+    texts, listing = None, ""
+    if kind in CAPTION_TYPES:
+        listing, names, texts = caption_entries(kind, split, root, captions_file)
+        folder = coco_image_folder(root) if kind == "coco_2014val" else root
+        paths, labels = [os.path.join(folder, name) for name in names], [-1] * len(names)
+    elif kind.startswith("imagenet"):
         paths, labels = imagenet_files(root, split, labelled=kind == "imagenet")
     else:
         paths, labels = plain_folder_files(root, split)
-    if num_samples is not None:
-        if num_samples < 1:
-            raise DataError(f"dataset.num_samples must be a positive int, got {num_samples}")
-        keep = evenly_spaced(min(num_samples, len(paths)), len(paths))
+    keep = kept_indices(num_samples, len(paths))
+    if keep is not None:
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-    return ImageFolderDataset(paths, labels, pipeline, seed, root=root)
+        texts = [texts[i] for i in keep] if texts is not None else None
+    if texts is not None:
+        require_images(paths, listing)
+    return ImageFolderDataset(paths, labels, pipeline, seed, root=root, captions=texts)
 
 
 def build_dataset_from_config(cfg_dataset: Mapping[str, Any], split: str, augment: bool | None = None
@@ -482,7 +668,26 @@ def build_dataset_from_config(cfg_dataset: Mapping[str, Any], split: str, augmen
     return build_dataset(cfg_dataset["type"], split, root=cfg_dataset.get("root"),
                          resolution=cfg_dataset.get("resolution"), transform=transforms.get("type"),
                          flip=cfg_dataset.get("flip"), num_samples=cfg_dataset.get("num_samples"),
-                         seed=cfg_dataset.get("seed") or 0, augment=augment)
+                         seed=cfg_dataset.get("seed") or 0, augment=augment,
+                         captions_file=cfg_dataset.get("captions_file"), captions=bool(cfg_dataset.get("captions")))
+
+
+def caption_list(cfg_dataset: Mapping[str, Any], split: str) -> list[str]:
+    """The captions of a split of a caption dataset (a `dataset:` section), in item order with `num_samples`
+    applied, without opening any image: the prompts of text-to-image sampling over a data set."""
+    kind = check_dataset_type(cfg_dataset["type"])
+    check_split(split)
+    num_samples = cfg_dataset.get("num_samples")
+    if kind == "shapes" and cfg_dataset.get("captions"):
+        return CaptionedShapesDataset(split, cfg_dataset.get("resolution") or 32, num_samples,
+                                      cfg_dataset.get("seed") or 0).captions
+    if kind not in CAPTION_TYPES:
+        raise DataError(f"dataset.type {kind} has no captions; use {', '.join(CAPTION_TYPES)}, "
+                        "or shapes with dataset.captions=true")
+    root = dataset_root(kind, cfg_dataset.get("root"))
+    _, _, texts = caption_entries(kind, split, root, cfg_dataset.get("captions_file"))
+    keep = kept_indices(num_samples, len(texts))
+    return texts if keep is None else [texts[i] for i in keep]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Trainable float parameters are averaged, shadow <- d * shadow + (1 - d) * param; buffers
 (BatchNorm statistics, EMA codebooks) and frozen parameters are copied as they are. The
-shadow has the same keys as `model.state_dict()`, so it loads into the model directly.
+shadow has the same keys as `model.state_dict()`, so it loads into the model directly. Under
+FSDP the shadow of a sharded parameter is a DTensor sharded as the parameter is (each rank
+averages its own shard); a full state loads into it (common/fsdp.py).
 
 Decay per method: MAR 0.9999 and Open-MAGVIT2 0.999, both constant (`warmup="none"`);
 RQ-Transformer 0.999 with `warmup="rqvae"`: update n (0-based) uses
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from common.errors import CheckpointError, ConfigError
+from common.fsdp import shard_like
 
 WARMUPS = ("none", "rqvae")
 
@@ -87,5 +90,5 @@ class ModelEMA:
             raise CheckpointError(f"EMA weights do not fit the model: missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]}, mis-shaped {mismatched[:4]}")
         for name, tensor in shadow.items():
-            self.shadow[name].copy_(tensor)
+            self.shadow[name].copy_(shard_like(self.shadow[name], tensor))
         self.num_updates = int(state["num_updates"])

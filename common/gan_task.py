@@ -7,8 +7,9 @@ step reconstructs the batch once, takes a generator step on
 
 w a fixed weight or VQGAN's adaptive weight times disc_weight, then a discriminator step on the
 same detached reconstruction, its loss times factor (and LeCAM where configured). `factor` is
-disc_factor from `disc_start` on and 0 before. EMA copies of both networks follow where
-configured; evaluation and previews use them. bf16 autocast on CUDA when `experiment.amp`.
+disc_factor from `disc_start` on and 0 before. Each network's gradient norm is clipped to its
+optimizer section's `max_gn` where set. EMA copies of both networks follow where configured;
+evaluation and previews use them. bf16 autocast on CUDA when `experiment.amp`.
 
 A method subclass builds its tokenizer and discriminator from its own config section, says how
 its loss terms are weighed (`GANObjective`) and implements what is its own: `regularization`
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common.config import Field
 from common.dist import DistEnv, all_reduce_mean, all_reduce_sum, is_distributed, sync_gradients
 from common.ema import ModelEMA
+from common.fsdp import fsdp_active, gathered, recompute_blocks, shard
 from common.losses import (LPIPS, LeCAMRegularizer, NLayerDiscriminator, adaptive_generator_weight, hinge_d_loss,
                            hinge_g_loss)
 from common.metrics import code_counts, usage_from_counts
@@ -49,6 +51,12 @@ def discriminator_from_loss_section(loss: Mapping[str, Any]) -> NLayerDiscrimina
     return NLayerDiscriminator(loss["disc_in_channels"], loss["disc_ndf"], loss["disc_num_layers"], loss["use_actnorm"])
 
 
+def clip_gradients(network: nn.Module, max_norm: float | None) -> None:
+    """Clip the network's gradient norm to the optimizer section's `max_gn` (None: leave it)."""
+    if max_norm:
+        nn.utils.clip_grad_norm_(network.parameters(), max_norm)
+
+
 @dataclasses.dataclass(frozen=True)
 class GANObjective:
     """How the terms of a GAN-trained tokenizer's two objectives are weighed."""
@@ -63,6 +71,7 @@ class GANObjective:
     disc_factor: float = 1.0  # multiplies both GAN terms from disc_start on
     disc_loss_weight: float = 1.0  # multiplies the discriminator's loss alone (the RQ-VAE's disc_weight)
     lecam_weight: float | None = None  # the discriminator's LeCAM regulariser; None: off
+    reconstruction_weight: float = 1.0  # multiplies the reconstruction loss (LlamaGen's reconstruction_weight)
 
 
 class GANTokenizerTask:
@@ -88,7 +97,16 @@ class GANTokenizerTask:
         if objective.perceptual_weight > 0:
             self.lpips = LPIPS(vgg_weights, random_trunk=lpips_random_trunk).to(env.device)
         self.lecam = LeCAMRegularizer() if objective.lecam_weight is not None else None
-        self.train_model = DistributedDataParallel(self.model) if is_distributed() else self.model
+        experiment = config["experiment"]
+        if experiment["grad_checkpointing"]:
+            recompute_blocks(self.model)
+        # FSDP shards the tokenizer (one unit unless it names repeated blocks); the small discriminator stays whole
+        self.reshard_after_forward = experiment["fsdp_reshard_after_forward"]
+        self.train_model = self.model
+        if fsdp_active(experiment, env):
+            shard(self.model, self.model, env, self.reshard_after_forward, self.amp)
+        elif is_distributed():
+            self.train_model = DistributedDataParallel(self.model)
 
         epochs = config["experiment"]["epochs"]
         optimizer = config["optimizer"]
@@ -98,6 +116,7 @@ class GANTokenizerTask:
         self.disc_optimizer = build_optimizer(self.discriminator.parameters(), disc_optimizer)
         self.disc_scheduler = build_scheduler(self.disc_optimizer, disc_optimizer, steps_per_epoch,
                                               epochs if disc_epochs is None else disc_epochs, env.world_size)
+        self.max_grad_norms = (optimizer.get("max_gn"), disc_optimizer.get("max_gn"))  # (generator, discriminator)
         self.ema_decay = ema_decay
         self.restart_ema()
 
@@ -168,7 +187,7 @@ class GANTokenizerTask:
         objective = self.objective
         loss_recon = objective.reconstruction_loss(recon, x)
         loss_lpips = self.perceptual(x, recon)
-        nll = loss_recon + objective.perceptual_weight * loss_lpips
+        nll = objective.reconstruction_weight * loss_recon + objective.perceptual_weight * loss_lpips
         loss_gen = gen_weight = x.new_zeros(())
         if self.gan_terms_before_start or self.gan_on(step, epoch):
             with self.autocast():
@@ -220,6 +239,7 @@ class GANTokenizerTask:
         loss, logs = self.generator_loss(x, recon, aux, step, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        clip_gradients(self.model, self.max_grad_norms[0])
         self.optimizer.step()
         self.scheduler.step()
 
@@ -228,6 +248,7 @@ class GANTokenizerTask:
             self.disc_optimizer.zero_grad(set_to_none=True)  # drops what the generator step left on D
             loss_disc.backward()
             sync_gradients(self.discriminator)
+            clip_gradients(self.discriminator, self.max_grad_norms[1])
             self.disc_optimizer.step()
             self.disc_scheduler.step()
             logs.update(disc_logs)
@@ -244,6 +265,7 @@ class GANTokenizerTask:
             if self.ema is not None:
                 stack.enter_context(self.ema.swapped_in(self.model))
                 stack.enter_context(self.disc_ema.swapped_in(self.discriminator))
+            stack.enter_context(gathered(self.model, self.reshard_after_forward))
             self.model.eval()
             self.discriminator.eval()
             try:

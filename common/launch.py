@@ -15,8 +15,10 @@ from torch.utils.data import Dataset
 from common import dist
 from common.checkpoint import load_checkpoint, remove_stale_temporaries
 from common.config import Config, apply_overrides, parse_overrides, save_config, validate
+from common.dcp import META, folder_name, is_dcp_folder, load_sharded
 from common.errors import CheckpointError
 from common.flags import at_least
+from common.fsdp import fsdp_active
 from common.paths import check_output_dir
 from common.runlog import RunLog
 from common.trainer import Position, TrainTask, Trainer, resolve_run_dir, restore, steps_per_epoch
@@ -32,6 +34,9 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("-t", "--test-batch-size", type=at_least(1), default=None)
     parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     parser.add_argument("--resume", action="store_true", help="continue exactly from -l or <run dir>/last.pt")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start afresh even if the run directory holds a last checkpoint (else the run resumes "
+                             "from it by itself)")
     parser.add_argument("--eval", action="store_true", help="evaluate on train and val, no training")
     parser.add_argument("--device", default="auto", help="auto (cuda > cpu), cpu, cuda, cuda:N")
     # Accepted for compatibility with the official launch commands; torchrun's environment decides.
@@ -72,6 +77,36 @@ def logged_before(record: Mapping[str, Any], position: Position) -> bool:
     return step < position.step or (step == position.step and position.batch_in_epoch == 0)
 
 
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The run directory's last checkpoint: `last.pt`, or the sharded folder `last.dcp`, whichever is newer."""
+    found = [path for path in (os.path.join(run_dir, "last.pt"), os.path.join(run_dir, folder_name("last.pt")))
+             if os.path.isfile(path) or is_dcp_folder(path)]
+    return max(found, key=lambda path: os.path.getmtime(path if os.path.isfile(path) else os.path.join(path, META)),
+               default=None)
+
+
+def resume_source(args: argparse.Namespace, run_dir: str) -> str | None:
+    """The checkpoint a run continues: with --resume, -l or the run directory's last one (which must exist);
+    without, the run directory's last one when there is one (a restarted run resumes by itself), unless the run
+    evaluates or starts --fresh."""
+    if args.resume:
+        path = args.load_path or latest_checkpoint(run_dir) or os.path.join(run_dir, "last.pt")
+        if not os.path.exists(path):
+            raise CheckpointError(f"--resume: no checkpoint at {path}; give one with -l")
+        return path
+    if args.eval or getattr(args, "fresh", False):
+        return None
+    return latest_checkpoint(run_dir)
+
+
+def read_checkpoint(path: str, task: TrainTask, env: dist.DistEnv, sharded: bool) -> dict[str, Any]:
+    """A checkpoint to resume from: a sharded folder read shard by shard, or a file. A sharded run maps the file
+    into memory on the CPU: the processes of a host share its pages, and each copies only its shards to its device."""
+    if is_dcp_folder(path):
+        return load_sharded(path, task.state_objects())
+    return load_checkpoint(path, "cpu" if sharded else env.device, mmap=sharded)
+
+
 def run_training(args: argparse.Namespace, config: Config, name: str,
                  build_datasets: Callable[[], tuple[Dataset, Dataset | None]],
                  build_task: Callable[[dist.DistEnv, int], TrainTask],
@@ -86,15 +121,22 @@ def run_training(args: argparse.Namespace, config: Config, name: str,
     task = build_task(env, batches)
 
     position, started = Position(), None
-    if args.resume:
-        path = args.load_path or os.path.join(run_dir, "last.pt")
-        if not os.path.exists(path):
-            raise CheckpointError(f"--resume: no checkpoint at {path}; give one with -l")
-        checkpoint = load_checkpoint(path, env.device)
-        check_kind(checkpoint, config, path)
-        position = restore(task, checkpoint, env, path)
+    resume = resume_source(args, run_dir)
+    if resume:
+        try:
+            checkpoint = read_checkpoint(resume, task, env, fsdp_active(config["experiment"], env))
+            check_kind(checkpoint, config, resume)
+            position = restore(task, checkpoint, env, resume)
+        except CheckpointError as error:
+            if args.resume:
+                raise
+            raise CheckpointError(f"{error} (the run directory's last checkpoint, resumed by itself: start afresh "
+                                  "with --fresh, or choose another run directory)") from None
         del checkpoint  # a large model's optimizer state need not stay in memory twice
-        started = f"resumed from {path} at epoch {position.epoch}, step {position.step}"
+        started = f"resumed from {resume} at epoch {position.epoch}, step {position.step}"
+        if not args.resume:
+            started += " (the run directory's last checkpoint; --fresh starts afresh" + (
+                f", and -l {args.load_path} is not loaded again)" if args.load_path else ")")
     elif args.load_path:
         load_weights(task, args.load_path)
         started = f"loaded weights from {args.load_path}"
@@ -104,11 +146,13 @@ def run_training(args: argparse.Namespace, config: Config, name: str,
     if env.is_main:
         for stale in remove_stale_temporaries(run_dir):
             log.info(f"removed {stale}, a checkpoint a killed run did not finish writing")
-        if args.resume and not args.eval:
+        if (resume or getattr(args, "fresh", False)) and not args.eval:  # afresh: position 0 keeps no record
             log.keep_metrics(lambda record: logged_before(record, position))
     trainer = Trainer(task, config, env, log, train_set, val_set, batches, seed=config["seed"])
     if started:
         log.info(started)
+    if config["experiment"]["fsdp"] and not env.distributed:
+        log.info("note: experiment.fsdp shards over several processes (torchrun); one process trains unsharded")
 
     if args.eval:
         results = {split: trainer.reduce(task.evaluate(trainer.eval_batches(dataset)))

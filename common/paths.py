@@ -9,6 +9,14 @@ import os
 
 from common.errors import ConfigError, UserError
 
+CACHE_ENV = "ARGEN_CACHE"
+
+
+def default_cache_dir() -> str:
+    """Where this codebase keeps what it makes or fetches once (the shapes classifier, released checkpoints):
+    $ARGEN_CACHE, else ~/.cache/argen."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "argen")
+
 
 def require_file(path: str, what: str, error: type[UserError]) -> None:
     """Refuse a `path` that is missing or a folder, naming it as a `what` file ("checkpoint", "config")."""

@@ -1,16 +1,19 @@
 """Drawing images from a prior and its tokenizer: the flags every sampling script takes, and the Sampler.
 
 The knobs are the prior's own (its `SAMPLING_KNOBS`, see common/knobs.py), resolved from the
-command line, then the checkpoint's defaults. Conditioning is by class label (B,): an
-unconditional prior takes zeros. Batch g of a run draws from its own generator seeded by
-(seed, g), so a batch's images do not depend on which process draws it.
+command line, then the checkpoint's defaults. Conditioning is by class label (B,) (an
+unconditional prior takes zeros) or, for a text prior, by text token ids (B, L). Batch g of a run
+draws from its own generator seeded by (seed, g), so a batch's images do not depend on which
+process draws it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -22,6 +25,7 @@ from common.data import derive_seed, to_uint8
 from common.errors import ConfigError
 from common.knobs import Knob, add_knob_flags, given_knobs, resolve_knobs, split_assignments
 from common.tokenizer import Tokenizer
+from common.weights import resolve_checkpoint
 
 
 def sampling_parser(description: str, knob_schemas: Iterable[Mapping[str, Knob]]) -> argparse.ArgumentParser:
@@ -41,16 +45,33 @@ def sampling_parser(description: str, knob_schemas: Iterable[Mapping[str, Knob]]
     parser.add_argument("--device", default="auto", help="auto (cuda > cpu), cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the prior's arithmetic: auto = bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--text-tokenizer", default=None, metavar="DIR",
+                        help="text priors of official releases: the folder holding the released vocabulary files "
+                             "(bpe-16k-vocab.json, bpe-16k-merges.txt; default: torch's hub cache)")
     parser.epilog = ("Any sampling knob can also be given as key=value (e.g. top_k=250, num_iter=64); "
                      "unset knobs take the checkpoint's defaults.")
     return parser
 
 
+def add_official_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the official sampling scripts that change nothing here: --no-tensorboard, and the launch flags
+    (torchrun's environment decides)."""
+    parser.add_argument("--no-tensorboard", action="store_true", help="accepted for compatibility (no tensorboard)")
+    for flag in ("--world_size", "--local_rank", "--local-rank"):
+        parser.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dist-backend", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def parse_sampling_args(parser: argparse.ArgumentParser, argv: list[str] | None
                         ) -> tuple[argparse.Namespace, list[str]]:
-    """(flags, knob assignments `name=value`) of a sampling command line."""
+    """(flags, knob assignments `name=value`) of a sampling command line; a release name given to -v or -a becomes
+    its downloaded file (results are named after it and, without --save-dir, written beside it)."""
     rest, assignments = split_assignments(sys.argv[1:] if argv is None else argv)
-    return parser.parse_args(rest), assignments
+    args = parser.parse_args(rest)
+    args.model_vqvae_path, args.config = resolve_checkpoint(args.model_vqvae_path, args.config)
+    args.model_ar_path = resolve_checkpoint(args.model_ar_path).path
+    return args, assignments
 
 
 @dataclass
@@ -66,7 +87,8 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, seed: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (B, *token_shape) and images (B, 3, H, W) in [-1, 1] for class labels (B,)."""
+        """Tokens (B, *token_shape) and images (B, 3, H, W) in [-1, 1] for class labels (B,) or the text token ids
+        (B, L) of a text prior."""
         generator = torch.Generator(self.device).manual_seed(derive_seed(seed, batch_index))
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
@@ -107,13 +129,29 @@ def sample_in_shards(sampler: Sampler, labels: torch.Tensor, batch_size: int, se
                      ) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
     """Every rank draws its batches of `labels` (batch g = step * world + rank, from its own generator) and
     the uint8 images of the step are gathered. Yields (index of the step's first image, this rank's images
-    (B, 3, H, W), the step's pixels (n, H, W, 3) in image order). The last step is padded with class 0 and
-    its images past the last label are dropped."""
+    (B, 3, H, W), the step's pixels (n, H, W, 3) in image order). `labels` may be any conditions (N, ...), such as
+    text token ids (N, L). The last step is padded with zeros (class 0, the empty caption) and its images past the
+    last condition are dropped."""
     count, per_step = len(labels), batch_size * env.world_size
     steps = -(-count // per_step)
-    padded = torch.cat([labels, labels.new_zeros(steps * per_step - count)])
+    padded = torch.cat([labels, labels.new_zeros(steps * per_step - count, *labels.shape[1:])])
     for step in tqdm(range(steps), desc="sampling", unit="batch", disable=not env.is_main):
         batch = step * env.world_size + env.rank
         _, images = sampler.generate(padded[batch * batch_size:(batch + 1) * batch_size], seed, batch)
         pixels = dist.all_gather_cat(to_uint8(images).to(env.device)).cpu().numpy()  # (world * bs, H, W, 3)
         yield step * per_step, images, pixels[:count - step * per_step]
+
+
+def result_dir(args: argparse.Namespace, sampler: Sampler) -> str:
+    """The official layout of the sampling scripts' results, created with its samples/ folder:
+    <save dir>/logs_fid/(valid|valid_ema)/<ckpt>_temp_..._top_p_.../<timestamp>_<seed>, where <save dir> is the
+    folder of -a, or --save-dir/<grandparent>_<parent of -a>."""
+    ckpt = os.path.abspath(args.model_ar_path)
+    parent = os.path.dirname(ckpt)
+    root = (os.path.join(args.save_dir, f"{os.path.basename(os.path.dirname(parent))}_{os.path.basename(parent)}")
+            if args.save_dir else parent)
+    name = f"{os.path.basename(ckpt).split('.')[0]}_{sampler.folder_name()}"
+    stamp = f"{datetime.now().strftime('%d%m%Y_%H%M%S')}_{args.seed}"
+    path = os.path.join(root, "logs_fid", "valid_ema" if sampler.use_ema else "valid", name, stamp)
+    os.makedirs(os.path.join(path, "samples"))
+    return path

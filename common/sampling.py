@@ -4,8 +4,10 @@ Shared by every autoregressive prior. The order of operations is that of the off
 RQ-Transformer sampler: logits / temperature, top-k on the logits (ties at the k-th value are
 kept), softmax, top-p on the probabilities (the token whose cumulative probability first reaches
 p is kept, and so is the most likely token), renormalise, then ONE `torch.multinomial(probs, 1)`
-for the whole batch, so a seeded run consumes the random generator exactly like the official one.
-A disabled filter (top_k None or >= vocabulary, top_p None or >= 1) costs nothing.
+draw for the whole batch, so a seeded run consumes the random generator exactly like the official one.
+A disabled filter (top_k None or >= vocabulary, top_p None or >= 1) costs nothing. When top-k is
+the only filter, the softmax and the draw run over the k kept tokens (the draw still takes the random
+words of the whole vocabulary, common/multinomial.py): the same tokens at a fraction of the cost.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError
+from common.multinomial import full_probs, multinomial_draw
 
 KnobValue = int | float | Sequence[int | float] | None  # one value, or one per depth / group of steps
 
@@ -78,12 +81,30 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
-    """The distribution a token is drawn from, (B, V) float32, computed as the official sampler does."""
+def kept_top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The k largest logits of each row (..., V) and their indices, both (..., k) in index order; None when a
+    row ties at the k-th largest value (top-k keeps every tied token, so more than k survive: mask instead)."""
+    values, indices = torch.topk(logits, k + 1, dim=-1)
+    if bool((values[..., k] == values[..., k - 1]).any()):
+        return None
+    indices, order = indices[..., :k].sort(dim=-1)
+    return values.gather(-1, order), indices
+
+
+def sampling_distribution(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                          top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distribution a token is drawn from, float32, computed as the official sampler does: (probs (B, V),
+    None), or when top-k is the only filter (and no row ties at the k-th value) the same distribution without
+    its zeros, (probs (B, k), indices (B, k)) of the kept tokens in index order."""
     check_sampling_knobs(temperature, top_k, top_p)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:  # dividing by 1 changes nothing
+        logits = logits / temperature
     if top_k_active(top_k, logits.shape[-1]):
+        kept = None if top_p_active(top_p) else kept_top_k(logits, top_k)
+        if kept is not None:  # a softmax over the k kept logits: no pass over the masked vocabulary
+            values, indices = kept
+            return F.softmax(values, dim=-1), indices
         logits = logits.masked_fill(top_k_mask(logits, top_k), float("-inf"))
     probs = F.softmax(logits, dim=-1)
     if top_p_active(top_p):
@@ -91,14 +112,21 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
     # The official nucleus pass also runs at p = 1, where it amounts to this renormalisation (plus
     # dropping tail tokens whose float cumulative sum already rounded to 1, ~1e-7 of mass): dividing
     # without the sort keeps the draws equal to the official ones at a fraction of the cost.
-    return probs / probs.sum(dim=-1, keepdim=True)
+    return probs / probs.sum(dim=-1, keepdim=True), None
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """The distribution a token is drawn from over the whole vocabulary, (B, V) float32."""
+    return full_probs(*sampling_distribution(logits, temperature, top_k, top_p), logits.shape[-1])
 
 
 def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of `logits` (B, V): (B,) int64. `generator=None` draws from the global RNG."""
-    probs = sampling_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    """One token per row of `logits` (B, V): (B,) int64, the one `torch.multinomial(sampling_probs(...), 1)` draws
+    from `generator` (None: the global RNG), which it leaves in the same state (see common/multinomial.py)."""
+    probs, indices = sampling_distribution(logits, temperature, top_k, top_p)
+    return multinomial_draw(probs, indices, logits.shape[-1], generator)
 
 
 def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:

@@ -101,6 +101,20 @@ def read_shard(path: str) -> dict[str, np.ndarray]:
     return arrays
 
 
+def check_shards_agree(paths: list[str], shards: list[dict[str, np.ndarray]], key: str) -> None:
+    """Every shard holds `key` tokens of the first shard's per-image shape and one label per image; the first that
+    does not is named."""
+    first = shards[0][key].shape[1:]
+    for path, shard in zip(paths, shards):
+        tokens = shard.get(key)
+        if tokens is None or tokens.shape[1:] != first:
+            found = f"{key} of shape {list(tokens.shape[1:])}" if tokens is not None else f"no {key}"
+            raise DataError(f"{path}: {found} per image, but {paths[0]} has {list(first)}; a code folder must hold "
+                            f"one extraction, {EXTRACT_AGAIN}")
+        if len(shard["labels"]) != len(tokens):
+            raise DataError(f"{path}: {len(shard['labels'])} labels for {len(tokens)} images; {EXTRACT_AGAIN}")
+
+
 class CachedTokens(Dataset):
     """Tokens of a split, all shards in memory; each item picks one of its stored augmentations.
 
@@ -118,6 +132,7 @@ class CachedTokens(Dataset):
                             "finish the extraction (rerun scripts/extract_codes.py, it resumes)")
         shards = [read_shard(p) for p in paths]
         self.key = "moments" if "moments" in shards[0] else "codes"
+        check_shards_agree(paths, shards, self.key)
         try:
             self.tokens = torch.from_numpy(np.concatenate([s[self.key] for s in shards]))
             self.labels = torch.from_numpy(np.concatenate([s["labels"] for s in shards]))

@@ -2,8 +2,9 @@
 
 A method supplies a `TrainTask`: its stateful objects (models, optimizers, schedulers, EMA,
 ...) by name, one training step, an evaluation over batches and a preview of images. The
-loop owns everything else, so single-process, torchrun-DDP, resume and logging behave the
-same for every method.
+loop owns everything else, so single-process, torchrun-DDP or FSDP, resume and logging behave
+the same for every method. Checkpoints are whole files (an FSDP run's shards gathered by rank 0)
+or, with `experiment.dcp`, sharded folders (common/dcp.py).
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from tqdm import tqdm
 from common.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint, strict_load
 from common.config import Config, Field
 from common.data import build_loader
+from common.dcp import folder_name, save_sharded
 from common.dist import DistEnv, all_reduce_mean, barrier, is_distributed
 from common.errors import CheckpointError, DataError, first_line
+from common.fault_injection import crash_once_at
+from common.fsdp import fsdp_active, gather_full, shard_optimizer_state
 from common.runlog import RunLog
 
 EXPERIMENT_SCHEMA = {
@@ -31,7 +35,8 @@ EXPERIMENT_SCHEMA = {
     "amp": Field(bool, False, doc="bf16 autocast on CUDA"),
     "total_batch_size": Field(int, None, minimum=1),
     "max_steps": Field(int, None, doc="stop (and checkpoint) after this many optimizer steps", minimum=1),
-    "save_every_steps": Field(int, None, doc="also refresh last.pt every N steps", minimum=1),
+    "save_every_steps": Field(int, None, doc="also refresh last.pt every N steps (bounds the work a crash loses)",
+                              minimum=1),
     "log_every": Field(int, 10, minimum=1),
     "num_workers": Field(int, 0, minimum=0),
     "eval_batches": Field(int, None, doc="limit evaluation to this many batches per process", minimum=1),
@@ -39,6 +44,11 @@ EXPERIMENT_SCHEMA = {
     "preview_images": Field(int, 8, minimum=1),
     "tensorboard": Field(bool, True, doc="also write TensorBoard event files into the run directory"),
     "sample": Field(dict, None),
+    "fsdp": Field(bool, False, doc="shard weights, gradients, optimizer state and EMA over the processes (FSDP2)"),
+    "fsdp_reshard_after_forward": Field(bool, True, doc="FSDP: free each block's gathered weights after its "
+                                                        "forward (less memory, one more all-gather in backward)"),
+    "grad_checkpointing": Field(bool, False, doc="recompute each block's activations in the backward pass"),
+    "dcp": Field(bool, False, doc="write checkpoints as sharded torch.distributed.checkpoint folders (*.dcp)"),
 }
 
 
@@ -101,6 +111,7 @@ def gather_rng_states() -> list[dict]:
 
 
 def checkpoint_payload(task: TrainTask, config: Config, position: Position) -> dict[str, Any]:
+    """Everything a checkpoint holds; under FSDP its sharded tensors are DTensors (every rank calls this)."""
     payload = {name: obj.state_dict() for name, obj in task.state_objects().items()}
     payload.update(config=config.to_dict(), kind=config["arch"]["type"], position=dataclasses.asdict(position),
                    rng=gather_rng_states())
@@ -118,7 +129,8 @@ def restore(task: TrainTask, checkpoint: Mapping[str, Any], env: DistEnv, source
             strict_load(obj, checkpoint[name], source)
             continue
         try:
-            obj.load_state_dict(checkpoint[name])
+            state = checkpoint[name]
+            obj.load_state_dict(shard_optimizer_state(obj, state) if isinstance(obj, torch.optim.Optimizer) else state)
         except CheckpointError as error:
             raise CheckpointError(f"{source}: {error}") from None
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
@@ -141,10 +153,16 @@ class Trainer:
         self.seed = seed
         self.steps_per_epoch = batches_per_epoch
         self.skipped_images = 0
+        self.sharded = fsdp_active(self.experiment, env)
 
     # ------------------------------------------------------------------------------------------
     def save(self, position: Position, name: str) -> None:
+        """Write checkpoint `name` (`last.pt`, ...): one file, or with `experiment.dcp` a sharded folder."""
         payload = checkpoint_payload(self.task, self.config, position)  # every rank joins the RNG gather
+        if self.experiment["dcp"]:
+            save_sharded(self.log.path(folder_name(name)), payload, self.env.is_main)
+            return
+        payload = gather_full(payload, keep=self.env.is_main)  # FSDP shards gathered whole; nothing else changes
         if self.env.is_main:
             save_checkpoint(self.log.path(name), payload)
         barrier()
@@ -185,6 +203,7 @@ class Trainer:
                                       "skipped_images": self.skipped_images})
                 if experiment["save_every_steps"] and position.step % experiment["save_every_steps"] == 0:
                     self.save(position, "last.pt")
+                crash_once_at(position.step, self.env.rank)
                 if max_steps is not None and position.step >= max_steps:
                     bar.close()
                     self.save(position, "last.pt")
@@ -228,7 +247,7 @@ class Trainer:
             self.log.metrics({"split": "val", "step": position.step, "epoch": position.epoch, **record})
             self.log.info(f"epoch {position.epoch} step {position.step} val: "
                           + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
-            if self.env.is_main:
+            if self.env.is_main or self.sharded:  # a sharded model samples on every rank: its weights are spread
                 count = min(self.experiment["preview_images"], len(self.val_set))
                 batch = torch.utils.data.default_collate([self.val_set[i] for i in range(count)])
                 self.log.image_grid(f"epoch{position.epoch:04d}", self.task.preview(batch), nrow=count,

@@ -100,6 +100,11 @@ class MAR(nn.Module):
         check_arch(settings, source)
         return cls(**settings)
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The encoder's and decoder's transformer blocks: one unit each of FSDP sharding and of activation
+        checkpointing (the DiffLoss MLP stays with the rest)."""
+        return [*self.encoder_blocks, *self.decoder_blocks]
+
     def initialize_weights(self) -> None:
         """N(0, 0.02) embeddings and mask token, Xavier-uniform Linears with zero bias, unit LayerNorms
         (DiffLoss initialises itself)."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.attention import KVCache, causal_attention, merge_heads, split_heads
+from common.attention import KVCache, causal_attention, merge_heads
 from common.config import validate
 from common.errors import ConfigError, DataError
 from common.layers import RMSNorm, SwiGLU
@@ -55,8 +55,10 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(resid_dropout)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        q, k, v = (split_heads(t, self.n_head) for t in self.wqkv(x).chunk(3, dim=-1))  # (B, H, T, hd)
-        out = causal_attention(apply_rope(q, rope), apply_rope(k, rope), v, cache)
+        B, T, _ = x.shape
+        qkv = self.wqkv(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        q, k = apply_rope(qkv[:2], rope).unbind(0)  # queries and keys rotated in one pass (a sampling step is short)
+        out = causal_attention(q, k, qkv[2], cache)
         return self.resid_dropout(self.wo(merge_heads(out)))
 
 
@@ -125,6 +127,11 @@ class GPT(nn.Module):
         """The class-table row of classifier-free guidance (every LlamaGen model has one)."""
         return self.num_classes
 
+    @property
+    def code_shape(self) -> tuple[int, int]:
+        """(grid, grid): one image's codes as this prior models them."""
+        return self.grid, self.grid
+
     @staticmethod
     def knob_folder_name(knobs: Mapping[str, Any]) -> str:
         interval = knobs["cfg_interval"]
@@ -136,6 +143,10 @@ class GPT(nn.Module):
         arch = validate(arch, GPT_ARCH, source, prefix="arch.")
         check_arch(arch, source)
         return cls(**{k: v for k, v in arch.items() if k != "type"})
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The transformer blocks: one unit each of FSDP sharding and of activation checkpointing."""
+        return list(self.layers)
 
     def initialize_weights(self) -> None:
         """LlamaGen's: every Linear and Embedding N(0, 0.02), the output layer zero."""
@@ -179,9 +190,9 @@ class GPT(nn.Module):
 
         With cfg_scale > 1 the labels and the null class run as one batch and the logits are
         uncond + cfg_scale * (cond - uncond), for every token, or with cfg_interval >= 0 for the
-        first cfg_interval + 2 tokens only (then the conditional logits). One `torch.multinomial`
-        per token for the whole batch, from `generator` or the global RNG. `cached=False` runs the whole
-        sequence through the model at every step instead (the slow reference).
+        first cfg_interval + 2 tokens only (then the conditional logits). One `torch.multinomial` draw
+        per token for the whole batch, from `generator` or the global RNG (common/multinomial.py).
+        `cached=False` runs the whole sequence through the model at every step instead (the slow reference).
         """
         check_sampling_knobs(temperature, top_k, top_p)
         self.check_labels(labels)

@@ -3,7 +3,9 @@
 Tokenizer (`vq_ds16_c2i.pt`): a dict whose `model` (and, from the VQ trainer with EMA, `ema`) holds
 the `VQModel` state dict under the same names as ours, or that bare state dict. No config travels
 with it: the widths, the number of levels and the codebook are read off the weight shapes, the
-image size (not recoverable from a convolutional model) defaults to 256.
+image size (not recoverable from a convolutional model) defaults to 256. A training checkpoint of
+`vq_train.py` (`model`, `optimizer`, `discriminator`, `optimizer_disc`, `steps`, `args`) is a
+fine-tuning start for main_stage1.py -l: its tokenizer and discriminator weights.
 
 GPT (`c2i_B_256.pt`, ...): `{"model", "optimizer", "steps", "args"}` as the training script writes
 it (`args`, an argparse.Namespace, is let through `weights_only` loading as plain data), `ema`
@@ -23,6 +25,7 @@ from common.config import Config, read_yaml, validate
 from common.errors import CheckpointError, ConfigError
 from npp.gpt import GPT
 from npp.schema import GPT_PRESETS, VQ_CONFIG
+from npp.stage1 import STAGE1_SCHEMA
 from npp.vq import VQTokenizer
 
 SIGNATURE = ("quantize.embedding.weight", "encoder.conv_blocks.0.res.0.conv1.weight")
@@ -132,12 +135,13 @@ def load_official_gpt(path: str, use_ema: bool = True, n_head: int | None = None
 
 
 def read_vq_config(path: str) -> Config:
-    """A LlamaGen VQ tokenizer config (ours: `arch.type: vq16`), validated."""
+    """A LlamaGen VQ tokenizer config (ours: `arch.type: vq16`), validated: a training config (with an
+    `optimizer` section) as main_stage1.py would, else its dataset and arch."""
     data = read_yaml(path)
     if not isinstance(data.get("arch"), Mapping) or data["arch"].get("type") != "vq16":
         raise ConfigError(f"{path}: not a LlamaGen VQ config (arch.type must be vq16); e.g. "
                           "configs/imagenet/stage1/llamagen-vq16.yaml")
-    return validate(data, VQ_CONFIG, path)
+    return validate(data, STAGE1_SCHEMA if "optimizer" in data else VQ_CONFIG, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,6 +158,21 @@ def official_tokenizer(obj: Any, path: str, config_path: str | None, use_ema: bo
     model = VQTokenizer.from_config(config["arch"], path)
     strict_load(model, state, path)
     return model.eval(), config
+
+
+def official_tokenizer_weights(obj: Any, path: str, model: Any, use_ema: bool
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None:
+    """A VQ training checkpoint of vq_train.py (`model`, `ema` with --ema, `discriminator`, `optimizer`,
+    `optimizer_disc`, `steps`, `args`) or a released file, as a fine-tuning start: the tokenizer's weights
+    and the discriminator's when present (the optimizers and step count are not carried over)."""
+    state = official_vq_state(obj, use_ema)
+    if state is None:
+        return None
+    if not isinstance(model, VQTokenizer):
+        raise CheckpointError(f"{path}: a LlamaGen VQ tokenizer, and the config trains a {type(model).__name__}; "
+                              "-l takes a checkpoint of the config's tokenizer")
+    discriminator = obj.get("discriminator")
+    return state, dict(discriminator) if isinstance(discriminator, Mapping) else None
 
 
 def official_prior(obj: Any, path: str, tokenizer: Any, use_ema: bool, config_path: str | None

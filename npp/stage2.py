@@ -4,8 +4,10 @@ As the official `train_c2i.py` does it: the patch size of each epoch from `npp.p
 `npp.epoch_rate` (coarse patches first, token level last), AdamW with weight decay on the
 matrices and embeddings only, gradient clipping, class dropout for guidance, bf16 on CUDA, and
 with `npp.scheduler` the learning rate restarting its warm-up and decay in every stage. Codes come
-from extracted shards (`codes.train`) or from images encoded on the fly by any tokenizer whose
-codes are a square grid (LlamaGen's VQ-16, Open-MAGVIT2, ...).
+from extracted shards (`codes.train`) or from images encoded on the fly by any discrete tokenizer:
+a square grid of codes (LlamaGen's VQ-16, Open-MAGVIT2), or residual codes (h, w, D) of an RQ-VAE
+with D = s * s, folded into the (h s, w s) grid whose s x s blocks hold one position's codes in
+depth order (common/code_view.py); the patch stages then take whole positions.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Mapping
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from common.code_view import CodeView, folded
 from common.token_cache import CODES_SCHEMA, TOKENIZER_SCHEMA
 from common.config import ANY, Config, Field
 from common.data import DATASET_SCHEMA
@@ -22,6 +25,7 @@ from common.dist import DistEnv
 from common.errors import CheckpointError, ConfigError
 from common.optim import OPTIMIZER_SCHEMA, build_optimizer
 from common.prior_task import PriorTask
+from common.tokenizer import DISCRETE
 from common.trainer import EXPERIMENT_SCHEMA, Position
 from npp.gpt import GPT
 from npp.schedule import patch_plan, patch_side, segment_lr_multiplier
@@ -50,35 +54,53 @@ NPP_SCHEMA = {
 }
 
 
+def square_grid(tokenizer: nn.Module) -> tuple[int, int] | None:
+    """The GPT's code grid on this tokenizer's codes: (h, w), or residual codes (h, w, D) folded into (h s, w s)
+    for D = s * s (common/code_view.py); None when they make no square grid."""
+    grid = folded(tokenizer.token_shape) if tokenizer.kind == DISCRETE else None
+    return grid if grid is not None and grid[0] == grid[1] else None
+
+
+def no_square_grid(tokenizer: nn.Module) -> str:
+    """Why the GPT cannot model this tokenizer's tokens."""
+    shape = tuple(tokenizer.token_shape)
+    unfoldable = tokenizer.kind == DISCRETE and folded(shape) is None
+    return (f"the GPT models a square grid of codes, and the stage-1 model given makes {tokenizer.kind} tokens of "
+            f"shape {list(shape)}" + ("; residual codes fold into a grid only when their depth is a square "
+                                      "(1, 4, 9, ...)" if unfoldable else ""))
+
+
 def prepare(config: Config, tokenizer: nn.Module, source: str) -> Config:
     """The arch section with the vocabulary and the number of codes per image (at the dataset's resolution)
     filled from the tokenizer, and checked against it."""
-    shape = tuple(getattr(tokenizer, "code_shape", tokenizer.token_shape))
-    if tokenizer.kind != "discrete" or len(shape) != 2:
-        raise ConfigError(f"{source}: the GPT models a square grid of codes (B, h, w); the tokenizer makes "
-                          f"{tokenizer.kind} tokens of shape {list(shape)}; use a tokenizer without code depth "
-                          "(LlamaGen VQ, Open-MAGVIT2)")
+    grid = square_grid(tokenizer)
+    if grid is None:
+        raise ConfigError(f"{source}: {no_square_grid(tokenizer)}")
+    side = grid[0]
     resolution = config["dataset"]["resolution"]
-    side = resolution // tokenizer.downsample_factor if resolution else shape[0]
+    if resolution:  # the tokenizer's grid at the training resolution, times the side its depth folds into
+        side = resolution // tokenizer.downsample_factor * (side // tokenizer.code_shape[0])
     arch = dict(config["arch"])
     found = {"vocab_size": tokenizer.vocab_size, "image_tokens": side * side}
     for key, value in found.items():
         if arch[key] is None:
             arch[key] = value
         elif arch[key] != value:
-            raise ConfigError(f"{source}: arch.{key} {arch[key]} does not match the tokenizer's {value}")
+            raise ConfigError(f"{source}: arch.{key} {arch[key]} does not match the tokenizer's {value} (-v); leave "
+                              f"arch.{key} null to take the tokenizer's")
     config["arch"] = Config(arch)
     return config
 
 
 def check_tokenizer(prior: GPT, tokenizer: nn.Module, path: str, config: Mapping[str, Any]) -> None:
-    """The GPT has token tables of its own: the tokenizer must make codes of its grid and vocabulary."""
-    shape = tuple(getattr(tokenizer, "code_shape", tokenizer.token_shape))
-    if len(shape) != 2 or getattr(tokenizer, "vocab_size", None) != prior.vocab_size:
-        raise CheckpointError(f"{path}: the GPT models codes of a {prior.vocab_size}-entry codebook on a square "
-                              f"grid; the given stage-1 model makes {tokenizer.kind} tokens of shape {list(shape)}"
-                              + (f" from {tokenizer.vocab_size} entries" if tokenizer.kind == "discrete" else "")
-                              + "; pass the tokenizer it was trained with")
+    """The GPT has token tables of its own: the tokenizer must make codes of a square grid (at whatever image size)
+    and of its vocabulary."""
+    if square_grid(tokenizer) is None:
+        raise CheckpointError(f"{path}: {no_square_grid(tokenizer)}; pass the tokenizer it was trained with")
+    if tokenizer.vocab_size != prior.vocab_size:
+        raise CheckpointError(f"{path}: the GPT models codes of a {prior.vocab_size}-entry codebook; the given "
+                              f"stage-1 model makes codes from {tokenizer.vocab_size} entries; pass the tokenizer it "
+                              "was trained with")
 
 
 def sampling_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,8 +117,13 @@ class NPPStage2Task(PriorTask):
         super().__init__(config, env, tokenizer, model, npp["ema"], config["optimizer"]["max_gn"],
                          sampling_defaults(config))
         self.plan = patch_plan(config["experiment"]["epochs"], npp["patch_level"], npp["epoch_rate"])
+        fold = self.tokenizer.fold if isinstance(self.tokenizer, CodeView) else 1  # residual codes: s x s blocks
         for size in self.plan[0]:
-            self.model.check_patch_side(math.isqrt(size), f"npp.patch_level {npp['patch_level']} (lower it): ")
+            side = math.isqrt(size)
+            self.model.check_patch_side(side, f"npp.patch_level {npp['patch_level']} (lower it): ")
+            if side > 1 and side % fold:
+                raise ConfigError(f"npp.patch_level {npp['patch_level']}: patches of side {side} cut through the "
+                                  f"{fold}x{fold} blocks of one position's residual codes; lower npp.patch_level")
         norms = [p for p in self.model.parameters() if p.ndim < 2]  # officially: no decay on 1-D weights
         self.optimizer = build_optimizer(self.model.parameters(), config["optimizer"], no_decay=norms)
         updates_per_epoch = max(1, steps_per_epoch // self.accumulation)

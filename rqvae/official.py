@@ -3,7 +3,9 @@
 An official `.pt` is a dict whose `state_dict` holds the model weights under the same names as
 ours (a shared codebook listed once per depth); the model is rebuilt from the `arch` section of
 the `config.yaml` that must sit in the same directory. A stage-2 (RQ-Transformer) file lacks the
-codebook its inputs are made of: it is taken from the paired stage-1 model.
+codebook its inputs are made of: it is taken from the paired stage-1 model. Text-to-image releases
+(CC-3M: `dataset.dataset: cc3m`, `txt_tok_name`, `context_length` in config.yaml) load the same way; their
+text tokenizer is the released vocabulary the config names (common/text_tokenizer.py).
 """
 from __future__ import annotations
 
@@ -126,6 +128,10 @@ def load_official_rqtransformer(pt_path: str, rqvae: RQVAE, ema: bool = False) -
 def build_official_rqtransformer(ckpt: Mapping[str, Any], config: Mapping[str, Any], config_path: str, pt_path: str,
                                  rqvae: RQVAE, ema: bool) -> RQTransformer:
     model = RQTransformer.from_config(config["arch"], source=config_path)
+    context = (config.get("dataset") or {}).get("context_length")
+    if model.context_length and context not in (None, model.context_length):
+        raise CheckpointError(f"{config_path}: dataset.context_length {context} (the tokenizer's) and "
+                              f"arch.block_size_cond {model.context_length} (the model's) must be equal")
     model.set_codebook_from(rqvae, source=f"{pt_path} with the given stage-1 model")
     key = "state_dict_ema" if ema else "state_dict"
     if not isinstance(ckpt.get(key), Mapping):

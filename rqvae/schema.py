@@ -58,8 +58,10 @@ RQTRANSFORMER_ARCH = {
     "ar_hierarchy": Field(object, None, doc="ignored (official saved configs contain it)"),
     "vocab_size": Field((int, list), None, doc="codebook size of the RQ-VAE (or one equal value per depth)"),
     "block_size": Field(list, items=int, doc="[h, w, D]: code grid and depth", minimum=1),
-    "vocab_size_cond": Field(int, 0, doc="classes (1 or 0: unconditional, cond_emb is a start token)", minimum=0),
-    "block_size_cond": Field(int, 0, doc="condition tokens (0 or 1; text models with 32 are not supported)", minimum=0),
+    "vocab_size_cond": Field(int, 0, doc="classes (1 or 0: unconditional, cond_emb is a start token); text models: "
+                                         "the text vocabulary size (0: that of the text tokenizer)", minimum=0),
+    "block_size_cond": Field(int, 0, doc="condition tokens: 0 or 1, or the text context length of a text model "
+                                         "(32 for CC-3M)", minimum=0),
     "embed_dim": Field(int, doc="transformer width C", minimum=1),
     "input_embed_dim": Field(int, None, doc="RQ-VAE codebook dimension", minimum=1),
     "use_padding_emb": Field(bool, False, doc="ignored (official saved configs contain it)"),

@@ -7,6 +7,12 @@ from the context and the partial sums of the codes already chosen. Code vectors 
 RQ-VAE's shared codebook, held here as the buffer `codebook` so a trained prior samples codes
 on its own. Parameter names follow the official state dict (kakaobrain/rq-vae-transformer).
 
+The condition is a prefix of the body sequence: one token (a class label, or the start token of
+unconditional models), or `block_size_cond` text tokens (text-to-image models: the caption's BPE
+ids, pads included, no BOS/EOS). A text model also predicts its caption: `cond_classifier` reads
+the body outputs of text tokens 0..L-2 and predicts tokens 1..L-1, and its cross-entropy joins the
+image loss with the configured weights.
+
 Classifier-free guidance is our addition: with `cfg_null_class` the class table gets one more
 row, the null class, which replaces the class with probability `class_dropout` in training.
 """
@@ -150,7 +156,10 @@ class Classifier(nn.Module):
 
 class RQTransformer(nn.Module):
     """The prior interface every method shares: `forward(codes, cond)` -> logits (B, h, w, D, V),
-    `loss(codes, cond, soft_targets)`, `generate(cond, **SAMPLING_KNOBS)` -> codes (B, h, w, D)."""
+    `loss(codes, cond, soft_targets)`, `generate(cond, **SAMPLING_KNOBS)` -> codes (B, h, w, D).
+
+    `cond` is class labels (B,), or text token ids (B, context_length) for a text model, whose
+    `text_tokenizer` (set by its loader) turns prompts into them."""
 
     SAMPLING_KNOBS = token_knobs(per_depth=True)
     knob_folder_name = staticmethod(token_folder_name)
@@ -159,19 +168,24 @@ class RQTransformer(nn.Module):
                  head: Mapping[str, Any], input_embed_dim: int | None = None, vocab_size_cond: int = 1,
                  embd_pdrop: float = 0.0, input_emb_vqvae: bool = True, head_emb_vqvae: bool = True,
                  cumsum_depth_ctx: bool = True, shared_tok_emb: bool = True, shared_cls_emb: bool = True,
-                 cfg_null_class: bool = False, class_dropout: float = 0.0):
+                 cfg_null_class: bool = False, class_dropout: float = 0.0, block_size_cond: int = 1):
         super().__init__()
         h, w, D = block_size
         self.block_size = (h, w, D)
         self.vocab_size = vocab_size
-        self.num_classes = max(vocab_size_cond, 1)
+        self.cond_length = max(block_size_cond, 1)  # condition tokens in front of the image positions
+        self.context_length = self.cond_length if self.cond_length > 1 else 0  # text tokens (0: no text)
+        self.text_vocab_size = vocab_size_cond if self.context_length else 0
+        self.text_tokenizer = None  # a TextTokenizer (common/text_tokenizer.py) of a text model, set by its loader
+        self.num_classes = 1 if self.context_length else max(vocab_size_cond, 1)
         self.null_class = self.num_classes if cfg_null_class else None
         self.class_dropout = class_dropout
         self.cumsum_depth_ctx = cumsum_depth_ctx
 
-        # vocab_size_cond == 1: the single row is a learned start token of unconditional models
-        self.cond_emb = nn.Embedding(self.num_classes + int(cfg_null_class), embed_dim)
-        self.pos_emb_cond = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        # vocab_size_cond == 1: the single row is a learned start token of unconditional models;
+        # a text model has one row per text token
+        self.cond_emb = nn.Embedding(max(vocab_size_cond, 1) + int(cfg_null_class), embed_dim)
+        self.pos_emb_cond = nn.Parameter(torch.randn(1, self.cond_length, embed_dim) * 0.02)
         self.pos_emb_hw = nn.Parameter(torch.randn(1, h * w, embed_dim) * 0.02)
         self.pos_emb_d = nn.Parameter(torch.randn(1, D, embed_dim) * 0.02)
         self.input_mlp = nn.Linear(input_embed_dim, embed_dim) if input_emb_vqvae else None
@@ -187,11 +201,22 @@ class RQTransformer(nn.Module):
         self.body_transformer = Transformer(body["n_layer"], embed_dim=embed_dim, **_block_args(body))
         self.head_transformer = Transformer(head["n_layer"], embed_dim=embed_dim, **_block_args(head))
         self.classifier = Classifier(embed_dim, vocab_size, D, shared_cls_emb)
+        if self.context_length:
+            self.cond_classifier = Classifier(embed_dim, vocab_size_cond, 1, shared=True)  # next text token
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The blocks of both transformers: one unit each of FSDP sharding and of activation checkpointing."""
+        return [*self.body_transformer.blocks, *self.head_transformer.blocks]
 
     @property
     def code_depth(self) -> int:
         """Codes per position (D): the sampling knobs take one value or one per depth."""
         return self.block_size[2]
+
+    @property
+    def code_shape(self) -> tuple[int, int, int]:
+        """(h, w, D) of one image's codes as this prior models them."""
+        return self.block_size
 
     @classmethod
     def from_config(cls, arch: Mapping[str, Any], source: str = "config") -> "RQTransformer":
@@ -202,7 +227,7 @@ class RQTransformer(nn.Module):
         return cls(vocab_size, arch.block_size, arch.embed_dim, arch.body, arch.head, arch.input_embed_dim,
                    arch.vocab_size_cond, arch.embd_pdrop, arch.input_emb_vqvae, arch.head_emb_vqvae,
                    arch.cumsum_depth_ctx, arch.shared_tok_emb, arch.shared_cls_emb, arch.cfg_null_class,
-                   arch.class_dropout)
+                   arch.class_dropout, arch.block_size_cond)
 
     @torch.no_grad()
     def set_codebook_from(self, rqvae: nn.Module, source: str = "the RQ-VAE") -> None:
@@ -232,21 +257,27 @@ class RQTransformer(nn.Module):
                             f"[{int(codes.min())}, {int(codes.max())}]: codes of another tokenizer?")
 
     def check_cond(self, cond: torch.Tensor, batch: int) -> None:
-        """Class labels (B,) in [0, num_classes] (the last one only if it is the null class)."""
-        if cond.is_floating_point() or cond.shape != (batch,):
-            raise DataError(f"cond must be {batch} integer class labels (shape ({batch},)), "
-                            f"got {cond.dtype} {tuple(cond.shape)}")
+        """Class labels (B,) in [0, num_classes] (the last one only if it is the null class), or for a text
+        model text token ids (B, context_length) in [0, text_vocab_size)."""
+        text = self.context_length > 0
+        shape, what = ((batch, self.context_length), "text token ids") if text else ((batch,), "class labels")
+        if cond.is_floating_point() or tuple(cond.shape) != shape:
+            hint = ("; a text-conditioned prior samples from prompts (scripts/sample.py --prompt, "
+                    "main_sampling_txt2img.py)") if text else ""
+            raise DataError(f"cond must be integer {what} of shape {shape}, got {cond.dtype} "
+                            f"{tuple(cond.shape)}{hint}")
         rows = self.cond_emb.num_embeddings
         if cond.numel() and (cond.min() < 0 or cond.max() >= rows):
-            raise DataError(f"class labels must lie in [0, {rows}) for this prior, got values in "
+            raise DataError(f"{what} must lie in [0, {rows}) for this prior, got values in "
                             f"[{int(cond.min())}, {int(cond.max())}]")
 
     def cond_tokens(self, cond: torch.Tensor) -> torch.Tensor:
-        """Class labels (B,) -> the first body token (B, 1, C); in training some become the null class."""
+        """Class labels (B,) or text ids (B, L) -> the first body tokens (B, cond_length, C); in training some
+        labels become the null class."""
         if self.training and self.class_dropout > 0:
             dropped = torch.rand(cond.shape, device=cond.device) < self.class_dropout
             cond = torch.where(dropped, self.null_class, cond)
-        return self.cond_emb(cond)[:, None] + self.pos_emb_cond
+        return self.cond_emb(cond.reshape(cond.shape[0], -1)) + self.pos_emb_cond
 
     def spatial_inputs(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, N, D) -> body inputs (B, N, C), no positions: the D code embeddings summed.
@@ -267,28 +298,47 @@ class RQTransformer(nn.Module):
 
     # -- teacher forcing --------------------------------------------------------------------------
 
+    def empty_cond(self, batch: int, device: torch.device) -> torch.Tensor:
+        """What no condition means: class 0 (the start token of unconditional models), or the empty caption
+        (all [PAD]) of a text model, as officially."""
+        return torch.zeros(batch, *((self.context_length,) if self.context_length else ()), dtype=torch.long,
+                           device=device)
+
     def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Codes (B, h, w, D) and class labels (B,) -> logits (B, h, w, D, V) of every code given the ones before;
-        no labels: class 0, the start token of unconditional models."""
+        """Codes (B, h, w, D) and conditions -> logits (B, h, w, D, V) of every code given the ones before."""
+        return self.teacher_forcing(codes, cond)[0]
+
+    def teacher_forcing(self, codes: torch.Tensor, cond: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image logits (B, h, w, D, V) and, for a text model, text logits (B, L - 1, text vocabulary) whose row j
+        predicts text token j + 1; no cond: `empty_cond`."""
         B, h, w, D = codes.shape
         if cond is None:
-            cond = codes.new_zeros(B)
+            cond = self.empty_cond(B, codes.device)
         codes = codes.reshape(B, h * w, D)
 
         x = self.spatial_inputs(codes) + self.pos_emb_hw  # (B, T, C)
         x = torch.cat([self.cond_tokens(cond), x[:, :-1]], dim=1)  # shifted: output t has seen positions < t
-        spatial_ctx = self.body_transformer(self.embed_drop(x))  # (B, T, C)
+        out = self.body_transformer(self.embed_drop(x))  # (B, Lc + T - 1, C)
+        spatial_ctx = out[:, self.cond_length - 1:]  # (B, T, C): the last condition token predicts position 0
 
         depth_ctx = torch.cat([spatial_ctx[:, :, None], self.depth_inputs(codes)[:, :, :-1]], dim=2)
         depth_ctx = depth_ctx + self.pos_emb_d  # (B, T, D, C)
-        out = self.head_transformer(depth_ctx.reshape(B * h * w, D, -1))  # (B*T, D, C)
-        return self.classifier(out).reshape(B, h, w, D, -1)
+        head_out = self.head_transformer(depth_ctx.reshape(B * h * w, D, -1))  # (B*T, D, C)
+        logits = self.classifier(head_out).reshape(B, h, w, D, -1)
+        text_logits = self.cond_classifier(out[:, :self.cond_length - 1]) if self.context_length else None
+        return logits, text_logits
 
-    def loss(self, codes: torch.Tensor, cond: torch.Tensor | None = None,
-             soft_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, codes: torch.Tensor, cond: torch.Tensor | None = None, soft_targets: torch.Tensor | None = None,
+             img_weight: float = 0.9, txt_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean cross-entropy of every code, against `codes` or against `soft_targets` (B, h, w, D, V)
-        (the RQ-VAE's soft codes); logs hold the loss of each depth (`loss_d0`, ...)."""
-        logits = self(codes, cond)
+        (the RQ-VAE's soft codes); logs hold the loss of each depth (`loss_d0`, ...).
+
+        A text model's loss is img_weight * that + txt_weight * the mean cross-entropy of its caption's
+        tokens 1..L-1, pads included (logged as `loss_img` and `loss_txt`); the weights serve text models only."""
+        if cond is None:
+            cond = self.empty_cond(codes.shape[0], codes.device)
+        logits, text_logits = self.teacher_forcing(codes, cond)
         if soft_targets is None:
             per_code = F.cross_entropy(logits.flatten(0, -2), codes.flatten(), reduction="none")
         else:
@@ -296,6 +346,12 @@ class RQTransformer(nn.Module):
         loss = per_code.mean()
         per_depth_loss = per_code.detach().reshape(-1, self.block_size[2]).mean(0)
         logs = {"loss": loss.detach(), **{f"loss_d{d}": v for d, v in enumerate(per_depth_loss)}}
+        if text_logits is None:
+            return loss, logs
+        text_loss = F.cross_entropy(text_logits.flatten(0, 1), cond[:, 1:].flatten())
+        logs.update(loss_img=loss.detach(), loss_txt=text_loss.detach())
+        loss = img_weight * loss + txt_weight * text_loss
+        logs["loss"] = loss.detach()
         return loss, logs
 
     # -- sampling ---------------------------------------------------------------------------------
@@ -304,7 +360,8 @@ class RQTransformer(nn.Module):
     def generate(self, cond: torch.Tensor, temperature: float = 1.0, top_k: KnobValue = None, top_p: KnobValue = None,
                  cfg_scale: float = 1.0, cached: bool = True, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
-        """Sample codes (B, h, w, D) for class labels `cond` (B,) (zeros for unconditional priors).
+        """Sample codes (B, h, w, D) for class labels `cond` (B,) (zeros for unconditional priors), or for text
+        token ids (B, context_length) of a text model.
 
         Raster order over positions, depth innermost; top_k / top_p are one value or one per depth.
         With cfg_scale != 1 the conditional and null-class halves run as one batch and their logits are
@@ -313,8 +370,9 @@ class RQTransformer(nn.Module):
         h, w, D = self.block_size
         check_sampling_knobs(temperature, top_k, top_p)
         top_ks, top_ps = per_depth(top_k, D, "--top-k"), per_depth(top_p, D, "--top-p")
-        if not isinstance(cond, torch.Tensor) or cond.ndim != 1:
-            raise DataError("generate needs class labels cond of shape (B,) (zeros for an unconditional prior)")
+        if not isinstance(cond, torch.Tensor) or cond.ndim == 0:
+            raise DataError("generate needs class labels cond of shape (B,) (zeros for an unconditional prior), or the "
+                            "text token ids (B, context_length) of a text prior")
         self.check_cond(cond, cond.shape[0])
         guided = cfg_scale != 1.0  # at 1 the null half is skipped: exactly the unguided sampler
         if guided and self.null_class is None:
@@ -344,15 +402,15 @@ class RQTransformer(nn.Module):
         h, w, D = self.block_size
         repeats = cond.shape[0] // codes.shape[0]
         chosen = codes.view(codes.shape[0], h * w, D)
-        body_caches = self.body_transformer.new_caches(h * w)
+        body_caches = self.body_transformer.new_caches(self.cond_length + h * w - 1)
         head_caches = self.head_transformer.new_caches(D)
 
-        x = self.cond_tokens(cond)  # (n, 1, C): the body's first input
+        x = self.cond_tokens(cond)  # (n, Lc, C): the body's first inputs
         for t in range(h * w):
             if t > 0:
                 previous = chosen[:, t - 1:t].repeat(repeats, 1, 1)  # (n, 1, D)
                 x = self.spatial_inputs(previous) + self.pos_emb_hw[:, t - 1:t]
-            spatial_ctx = self.body_transformer(self.embed_drop(x), body_caches)  # (n, 1, C)
+            spatial_ctx = self.body_transformer(self.embed_drop(x), body_caches)[:, -1:]  # (n, 1, C)
             for cache in head_caches:
                 cache.reset()
             for d in range(D):
@@ -386,9 +444,10 @@ def check_arch(arch: Mapping[str, Any], source: str) -> None:
     if isinstance(vocab_size, list) and (len(vocab_size) not in (1, block_size[2]) or len(set(vocab_size)) != 1):
         raise ConfigError(f"{source}: arch.vocab_size must be one codebook size (the codebook is shared by the "
                           f"depths), got {vocab_size}")
-    if arch["block_size_cond"] > 1:
-        raise ConfigError(f"{source}: arch.block_size_cond {arch['block_size_cond']}: text-conditioned "
-                          "RQ-Transformers are not supported, only class-conditional and unconditional ones")
+    text = arch["block_size_cond"] > 1
+    if text and arch["vocab_size_cond"] < 2:
+        raise ConfigError(f"{source}: arch.block_size_cond {arch['block_size_cond']} makes a text model, whose "
+                          f"arch.vocab_size_cond must be the text vocabulary size, got {arch['vocab_size_cond']}")
     if (arch["input_emb_vqvae"] or arch["head_emb_vqvae"]) and arch["input_embed_dim"] is None:
         raise ConfigError(f"{source}: arch.input_embed_dim (the RQ-VAE codebook dimension) is required "
                           "with input_emb_vqvae or head_emb_vqvae")
@@ -397,7 +456,7 @@ def check_arch(arch: Mapping[str, Any], source: str) -> None:
         if width is not None and width != arch["embed_dim"]:
             raise ConfigError(f"{source}: arch.{stack}.block.embed_dim {width} must equal arch.embed_dim "
                               f"{arch['embed_dim']}")
-    if arch["cfg_null_class"] and arch["vocab_size_cond"] <= 1:
+    if arch["cfg_null_class"] and (arch["vocab_size_cond"] <= 1 or text):
         raise ConfigError(f"{source}: arch.cfg_null_class needs a class-conditional prior (vocab_size_cond > 1)")
     if not 0 <= arch["class_dropout"] <= 1 or (arch["class_dropout"] > 0 and not arch["cfg_null_class"]):
         raise ConfigError(f"{source}: arch.class_dropout must be in [0, 1] and needs arch.cfg_null_class: true, "

@@ -39,6 +39,7 @@ from common.flags import at_least  # noqa: E402
 from common.llamagen_codes import (TEN_CROP_VIEWS, ExtractionCrop, output_folders, write_image_codes,  # noqa: E402
                                    written_indices)
 from common.paths import check_output_dir  # noqa: E402
+from common.weights import resolve_checkpoint  # noqa: E402
 from methods import load_tokenizer  # noqa: E402
 
 
@@ -92,6 +93,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     check_output_dir(args.output, "--output")
+    args.tokenizer, args.config = resolve_checkpoint(args.tokenizer, args.config)  # meta.json records the file
 
     env = dist.setup(args.device)
     model, config = load_tokenizer(args.tokenizer, args.config)

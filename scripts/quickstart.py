@@ -1,7 +1,7 @@
 """The main job on a fresh machine: train each method's tiny configs on built-in shapes, sample, score.
 
-    python scripts/quickstart.py                  # every method, about 7 minutes on 2 CPU cores
-    python scripts/quickstart.py --method rqvae   # one method (mar runs only this way for now)
+    python scripts/quickstart.py                  # rqvae, lfq, npp: about 14 minutes on 2 CPU cores
+    python scripts/quickstart.py --method rqvae   # one method (vq16 and mar run only this way)
 
 Writes outputs/quickstart/: per method the training runs (checkpoints, metrics.jsonl, TensorBoard
 files, grids), their curves (curves.png), reconstruction and sample grids, and one metrics.json for
@@ -16,27 +16,32 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import main_cache  # noqa: E402
 import main_mar  # noqa: E402
 import main_stage1  # noqa: E402
+import main_sampling_txt2img  # noqa: E402
 import main_stage2  # noqa: E402
 from common import dist  # noqa: E402
-from common.data import build_dataset, build_loader, save_image_grid  # noqa: E402
+from common.captions import sample_file_name  # noqa: E402
+from common.data import CaptionedShapesDataset, build_dataset, build_loader, save_image_grid  # noqa: E402
 from common.curves import plot_runs  # noqa: E402
 from common.errors import WeightsError, cli_entry  # noqa: E402
 from common.metrics import (InceptionAccumulator, ShapesEvaluator, find_inception_weights,  # noqa: E402
                             load_inception, reconstruction_metrics)
 from methods import load_prior, load_tokenizer  # noqa: E402
 
-METHODS = ("rqvae", "lfq", "npp", "mar")
-DEFAULT = ("rqvae", "lfq", "npp")  # mar is run on request until its samples are worth the minutes it adds
+METHODS = ("rqvae", "lfq", "npp", "vq16", "mar")
+DEFAULT = ("rqvae", "lfq", "npp")  # vq16 and mar run on request: the default already takes 14 minutes
 CLASSES = 10
 
 
@@ -90,10 +95,11 @@ def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEn
     loader = build_loader(val, 100, shuffle=False, drop_last=False)
     scores = reconstruction_metrics(tokenizer, loader, env, scorers.inception, desc="reconstruction scores")
     originals = torch.cat([batch["image"] for batch in loader])
+    labels = torch.cat([batch["label"] for batch in loader])
     with torch.no_grad():
         recon = torch.cat([tokenizer.reconstruct(chunk.to(env.device))[0].clamp(-1, 1).cpu()
                            for chunk in originals.split(100)])
-    scores.update(scorers.shapes.score_reconstructions(recon, originals))
+    scores.update(scorers.shapes.score_reconstructions(recon, originals, labels))
     save_image_grid(torch.cat([originals[:16], recon[:16]]), os.path.join(out, "reconstructions.png"), nrow=16)
     return checkpoint, tokenizer, val, scores
 
@@ -101,6 +107,13 @@ def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEn
 def run_lfq(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     """The Open-MAGVIT2 tokenizer (lookup-free quantization, 2^10 codes) on shapes."""
     _, _, _, scores = train_and_score_tokenizer("configs/shapes/stage1/lfq.yaml", "lfq", out, env, scorers, fast)
+    return {"stage1_reconstruction": scores, "samples": {},
+            "files": {"reconstructions": "reconstructions.png", "runs": "runs/"}}
+
+
+def run_vq16(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
+    """LlamaGen's VQ-16 tokenizer (l2-normalised 256-code book, 8x8 codes) trained with LlamaGen's losses."""
+    _, _, _, scores = train_and_score_tokenizer("configs/shapes/stage1/vq16.yaml", "vq16", out, env, scorers, fast)
     return {"stage1_reconstruction": scores, "samples": {},
             "files": {"reconstructions": "reconstructions.png", "runs": "runs/"}}
 
@@ -145,9 +158,33 @@ def run_rqvae(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
         ["dataset.num_samples=1600", "experiment.epochs=3"]
     sample_scores = train_prior_and_sample("configs/shapes/stage2/rqtransformer.yaml", "rqtransformer", stage1,
                                            tokenizer, val, out, env, scorers, fast, overrides, {"top_k": 16})
+    sample_scores["txt2img"] = train_and_sample_txt2img(stage1, out, env, scorers, fast, overrides)
     return {"stage1_reconstruction": stage1_scores, "samples": sample_scores,
             "files": {"reconstructions": "reconstructions.png", "samples": ["samples_cfg1.png", "samples_cfg3.png"],
-                      "runs": "runs/"}}
+                      "txt2img": "samples_txt2img.png", "runs": "runs/"}}
+
+
+def train_and_sample_txt2img(stage1: str, out: str, env: dist.DistEnv, scorers, fast: bool,
+                             overrides: list[str]) -> dict:
+    """The text-conditioned RQ-Transformer on captioned shapes ("a red star on a blue background, top left"),
+    sampled with main_sampling_txt2img.py from the captions of the validation shapes; the shapes classifier
+    checks that the image shows the shape its caption names."""
+    runs = os.path.join(out, "runs")
+    main_stage2.main(["-m", "configs/shapes/stage2/rqtransformer-t2i.yaml", "-r", runs, "-v", stage1,
+                      "--device", str(env.device), *overrides])
+    val = CaptionedShapesDataset("val", resolution=32, num_samples=20 if fast else 200)
+    prompts = os.path.join(out, "prompts.txt")
+    with open(prompts, "w") as f:
+        f.write("\n".join(val.captions) + "\n")
+    result = main_sampling_txt2img.main(["-v", stage1, "-a", os.path.join(runs, "rqtransformer-t2i", "last.pt"),
+                                         "--prompts", prompts, "--save-dir", os.path.join(out, "txt2img"),
+                                         "--top-k", "16", "--seed", "0", "-bs", "100", "--device", str(env.device)])
+    shutil.copyfile(os.path.join(result, "grid.png"), os.path.join(out, "samples_txt2img.png"))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(result, "samples", sample_file_name(i)))))
+                          .permute(2, 0, 1) for i in range(len(val))])
+    labels = torch.arange(len(val)) % CLASSES
+    # Only the accuracy: the evaluator's reference set is the uncaptioned shapes (random colours, gradients).
+    return {"shapes_accuracy": scorers.shapes.score(images, labels)["shapes_accuracy"], "num_images": len(val)}
 
 
 def run_npp(out: str, env: dist.DistEnv, scorers, fast: bool, lfq_out: str | None = None) -> dict:
@@ -194,12 +231,12 @@ def summary_lines(method: str, result: dict, seconds: float) -> list[str]:
         usage = ", ".join(f"d{d} {recon[f'usage_d{d}']:.0%}" for d in range(8) if f"usage_d{d}" in recon)
         lines.append(f"  reconstruction: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}"
                      + (f", codebook usage {usage}" if usage else "")
-                     + f", shapes rFD {recon['shapes_rfd']:.1f}"
+                     + f", shapes rFD {recon['shapes_rfd']:.1f}, shapes accuracy {recon['shapes_recon_accuracy']:.0%}"
                      + (f", rFID {recon['rfid']:.2f}" if "rfid" in recon else ""))
     for name, scores in result["samples"].items():
-        lines.append(f"  samples {name}: shapes accuracy {scores['shapes_accuracy']:.0%}, shapes FD "
-                     f"{scores['shapes_fd']:.1f}, precision {scores['shapes_precision']:.2f}, recall "
-                     f"{scores['shapes_recall']:.2f}"
+        lines.append(f"  samples {name}: shapes accuracy {scores['shapes_accuracy']:.0%}"
+                     + (f", shapes FD {scores['shapes_fd']:.1f}, precision {scores['shapes_precision']:.2f}, "
+                        f"recall {scores['shapes_recall']:.2f}" if "shapes_fd" in scores else "")
                      + (f"; FID {scores['fid']:.2f} ({scores['fid_note']}), IS {scores['is_mean']:.2f} ± "
                         f"{scores['is_std']:.2f}" if "fid" in scores else ""))
     return lines
@@ -228,8 +265,8 @@ def main(argv=None) -> None:
             lfq_out = os.path.join(args.output, "lfq") if "lfq" in results else None
             results[method] = run_npp(out, env, scorers, args.fast, lfq_out)
         else:
-            results[method] = {"rqvae": run_rqvae, "lfq": run_lfq, "mar": run_mar}[method](out, env, scorers,
-                                                                                            args.fast)
+            run = {"rqvae": run_rqvae, "lfq": run_lfq, "vq16": run_vq16, "mar": run_mar}[method]
+            results[method] = run(out, env, scorers, args.fast)
         runs = sorted(os.path.dirname(path) for path in glob.glob(os.path.join(out, "runs", "*", "metrics.jsonl")))
         plot_runs(runs, os.path.join(out, "curves.png"))
         results[method]["files"]["curves"] = "curves.png"

@@ -1,6 +1,7 @@
 """Small helpers shared by the test modules."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,3 +53,13 @@ def assert_resume_is_exact(main, args: list, tmp_path, run_name: str, stop_step:
     expected, resumed = train_records(full / run_name), train_records(part / run_name)
     assert [r["step"] for r in resumed] == list(range(1, total_steps + 1))
     assert expected == resumed
+
+
+def evaluate_then_train(main, args: list, tmp_path, run_name: str) -> dict:
+    """The validation metrics of the untrained model (`--eval`, under tmp_path/init); then the run trained (under
+    tmp_path)."""
+    main([*args, "-r", str(tmp_path / "init"), "--eval"])
+    with open(tmp_path / "init" / run_name / "eval.json") as f:
+        initial = json.load(f)["val"]
+    main([*args, "-r", str(tmp_path)])
+    return initial

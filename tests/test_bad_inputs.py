@@ -222,7 +222,7 @@ CASES = [
                  ["small_lfq.ckpt: an Open-MAGVIT2 tokenizer, and the config trains a RQVAE"], id="load-another-method"),
     pytest.param("main_stage1", [*STAGE1, "-l", os.path.join(DATA, "mar", "vae_tiny.ckpt")],
                  ["vae_tiny.ckpt: not weights of this config's tokenizer (RQVAE)"], id="load-an-official-kl-vae"),
-    pytest.param("main_stage2", [*STAGE2, "-v", "{lfq}"], ["models the codes of an RQ-VAE", "LFQ"],
+    pytest.param("main_stage2", [*STAGE2, "-v", "{lfq}"], ["read an RQ-VAE's codebook", "LFQ"],
                  id="rq-transformer-on-lfq"),
     pytest.param("main_stage2", [*STAGE2, "-l", "{stage1}"], ["{stage1}", "not a RQTransformer checkpoint"],
                  id="stage2-load-a-tokenizer"),

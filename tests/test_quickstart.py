@@ -15,9 +15,11 @@ def test_quickstart_fast_writes_grids_metrics_and_summary(tmp_path):
     recon = metrics["rqvae"]["stage1_reconstruction"]
     assert recon["psnr"] > 5 and 0 < recon["usage_d0"] <= 1 and "rfid" in recon
     assert {"fid", "is_mean", "is_std", "shapes_accuracy", "shapes_fd"} <= set(metrics["rqvae"]["samples"]["cfg3"])
-    assert recon["shapes_rfd"] >= 0 and metrics["rqvae"]["files"]["curves"] == "curves.png"
-    for name in ("reconstructions.png", "samples_cfg1.png", "samples_cfg3.png", "curves.png", "runs/rqvae/last.pt",
-                 "runs/rqtransformer/last.pt"):
+    assert recon["shapes_rfd"] >= 0 and 0 <= recon["shapes_recon_accuracy"] <= 1
+    assert metrics["rqvae"]["files"]["curves"] == "curves.png"
+    assert 0 <= metrics["rqvae"]["samples"]["txt2img"]["shapes_accuracy"] <= 1
+    for name in ("reconstructions.png", "samples_cfg1.png", "samples_cfg3.png", "samples_txt2img.png", "curves.png",
+                 "runs/rqvae/last.pt", "runs/rqtransformer/last.pt", "runs/rqtransformer-t2i/last.pt"):
         assert (out / "rqvae" / name).is_file()
     assert "Quickstart summary" in result.stdout and "PSNR" in result.stdout and "shapes accuracy" in result.stdout
 

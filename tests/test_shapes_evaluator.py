@@ -77,6 +77,13 @@ def test_reconstruction_fd_grows_with_the_damage(evaluator, unseen_shapes):
     assert rfd["blurred"] < rfd["noise"] / 5
 
 
+def test_reconstruction_accuracy_is_the_class_kept_by_the_reconstructions(evaluator, unseen_shapes):
+    originals, labels = unseen_shapes[0].float() / 127.5 - 1, unseen_shapes[1]
+    same = evaluator.score_reconstructions(originals, originals, labels)["shapes_recon_accuracy"]
+    noise = evaluator.score_reconstructions(noise_like(originals), originals, labels)["shapes_recon_accuracy"]
+    assert same > 0.95 and noise < 0.3
+
+
 def test_retraining_gives_identical_weights():
     short = ClassifierRecipe(train_images=256, epochs=1)  # the code path of the real recipe, in a second
     rng_before = torch.get_rng_state()

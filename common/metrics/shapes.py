@@ -87,11 +87,19 @@ class ShapesEvaluator:
         results["shapes_precision"], results["shapes_recall"] = precision_recall(features, self.reference_features)
         return results
 
-    def score_reconstructions(self, reconstructions: torch.Tensor, originals: torch.Tensor) -> dict[str, float]:
-        """shapes_rfd: Fréchet distance between the features of reconstructions and of their originals."""
-        statistics = [FIDStatistics.from_features(classify(self.model, images)[1], name)
-                      for images, name in ((reconstructions, "reconstructions"), (originals, "originals"))]
-        return {"shapes_rfd": frechet_distance(*statistics)}
+    def score_reconstructions(self, reconstructions: torch.Tensor, originals: torch.Tensor,
+                              labels: torch.Tensor | Sequence[int] | None = None) -> dict[str, float]:
+        """shapes_rfd: Fréchet distance between the features of reconstructions and of their originals; with the
+        originals' labels also shapes_recon_accuracy, how often the reconstruction still shows its class (a prior
+        on this tokenizer's tokens cannot draw shapes better than that)."""
+        (recon_logits, recon_features), (_, original_features) = (classify(self.model, reconstructions),
+                                                                  classify(self.model, originals))
+        scores = {"shapes_rfd": frechet_distance(FIDStatistics.from_features(recon_features, "reconstructions"),
+                                                 FIDStatistics.from_features(original_features, "originals"))}
+        if labels is not None:
+            labels = check_labels(labels, len(reconstructions), "reconstructions")
+            scores["shapes_recon_accuracy"] = (recon_logits.argmax(1) == labels).double().mean().item()
+        return scores
 
 
 def check_labels(labels: torch.Tensor | Sequence[int], count: int, source: str) -> torch.Tensor:

@@ -7,7 +7,6 @@ the feature space of the shapes evaluator (`common.metrics.shapes`).
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -19,10 +18,10 @@ from torch import nn
 from common.checkpoint import load_checkpoint, strict_load
 from common.data import ShapesDataset, to_uint8
 from common.errors import CheckpointError, DataError
+from common.paths import CACHE_ENV, default_cache_dir  # noqa: F401 (the cache is shared; its names stay importable here)
 
 KIND = "shapes-classifier"
 CLASSIFIER_FILE = "shapes-classifier.pt"
-CACHE_ENV = "ARGEN_CACHE"
 RESOLUTION = 32
 NUM_CLASSES = ShapesDataset.num_classes
 NUM_VAL_IMAGES = ShapesDataset.default_sizes["val"]
@@ -44,11 +43,6 @@ class ClassifierRecipe:
 
 
 RECIPE = ClassifierRecipe()
-
-
-def default_cache_dir() -> str:
-    """$ARGEN_CACHE, else ~/.cache/argen."""
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "argen")
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
