@@ -1,7 +1,8 @@
 """Distributed set-up that works the same under `python script.py` and under `torchrun`.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT); without them the
-script runs as one process and no process group is created. The backend is nccl on CUDA and
+script runs as one process and no process group is created. A worker group torchrun restarts after a crash
+meets under a name of its own attempt (`restarted_group_store`). The backend is nccl on CUDA and
 gloo on CPU, so one command runs on a laptop, in CI with two CPU processes and on a cluster.
 """
 from __future__ import annotations
@@ -59,8 +60,20 @@ def setup(device: str = "auto") -> DistEnv:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                store=restarted_group_store(world_size))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def restarted_group_store(world_size: int) -> dist.Store | None:
+    """For a worker group that torchrun restarted (`--max-restarts`): torchrun's own store under a name of this
+    attempt. torchrun keeps one store for every attempt, so without it the new group would read the addresses the
+    group that died left there and connect to processes that are gone. None for a first attempt (the default)."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    return dist.PrefixStore(f"attempt{attempt}", store)
 
 
 def cleanup() -> None:

@@ -87,7 +87,7 @@ def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEn
     reconstructions of the validation shapes."""
     runs = os.path.join(out, "runs")
     overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else list(full_run)
-    main_stage1.main(["-m", config, "-r", runs, "--device", str(env.device), *overrides])
+    main_stage1.main(["-m", config, "-r", runs, "--fresh", "--device", str(env.device), *overrides])
     checkpoint = os.path.join(runs, name, "last.pt")
     tokenizer, _ = load_tokenizer(checkpoint)
     tokenizer = tokenizer.to(env.device)
@@ -122,7 +122,7 @@ def train_prior_and_sample(config: str, name: str, stage1: str, tokenizer, val, 
                            scorers, fast: bool, overrides: list[str], knobs: dict) -> dict:
     """Train a tiny class-conditional prior on a tokenizer's tokens, then sample it (`sample_and_score`)."""
     runs = os.path.join(out, "runs")
-    main_stage2.main(["-m", config, "-r", runs, "-v", stage1, "--device", str(env.device), *overrides])
+    main_stage2.main(["-m", config, "-r", runs, "-v", stage1, "--fresh", "--device", str(env.device), *overrides])
     return sample_and_score(os.path.join(runs, name, "last.pt"), tokenizer, val, out, env, scorers, fast, knobs)
 
 
@@ -170,7 +170,7 @@ def train_and_sample_txt2img(stage1: str, out: str, env: dist.DistEnv, scorers, 
     sampled with main_sampling_txt2img.py from the captions of the validation shapes; the shapes classifier
     checks that the image shows the shape its caption names."""
     runs = os.path.join(out, "runs")
-    main_stage2.main(["-m", "configs/shapes/stage2/rqtransformer-t2i.yaml", "-r", runs, "-v", stage1,
+    main_stage2.main(["-m", "configs/shapes/stage2/rqtransformer-t2i.yaml", "-r", runs, "-v", stage1, "--fresh",
                       "--device", str(env.device), *overrides])
     val = CaptionedShapesDataset("val", resolution=32, num_samples=20 if fast else 200)
     prompts = os.path.join(out, "prompts.txt")
@@ -211,10 +211,11 @@ def run_mar(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/kl-vae.yaml", "kl-vae",
                                                                       out, env, scorers, fast, full_run=())
     cache, run = os.path.join(out, "cache"), os.path.join(out, "runs", "mar")
+    shutil.rmtree(cache, ignore_errors=True)  # the cache skips existing files: latents of an earlier VAE would stay
     main_cache.main(["--dataset", "shapes", "--num_images", "320" if fast else "2000", "--img_size", "32",
                      "--vae_path", stage1, "--vae_embed_dim", str(tokenizer.channels), "--cached_path", cache,
                      "--batch_size", "100", "--num_workers", "0", "--device", str(env.device)])
-    main_mar.main(["--config", "configs/shapes/mar/mar.yaml", "--use_cached", "--cached_path", cache,
+    main_mar.main(["--config", "configs/shapes/mar/mar.yaml", "--fresh", "--use_cached", "--cached_path", cache,
                    "--vae_path", stage1, "--output_dir", run, "--device", str(env.device),
                    *(["experiment.epochs=1"] if fast else [])])
     sample_scores = sample_and_score(os.path.join(run, "last.pt"), tokenizer, val, out, env, scorers, fast,

@@ -27,8 +27,8 @@ FSDP = ["experiment.fsdp=true", "experiment.grad_checkpointing=true"]
 def gpt_args(codes: str) -> list[str]:
     """32 items of 12x12 codes, 4 per process and micro-batch, 2 micro-batches per update: 4 steps an epoch, the
     first epoch in patches of 2x2 tokens; an EMA; no evaluation (test_freq past the end)."""
-    return ["-m", "configs/shapes/stage2/npp-gpt.yaml", "-v", VQ, f"codes.train={codes}", "dataset.resolution=24", "arch.dim=32", "arch.n_layer=2", "arch.n_head=2",
-            "npp.patch_level=2", "experiment.epochs=2", "experiment.batch_size=4", "experiment.total_batch_size=16",
+    return ["-m", "configs/shapes/stage2/npp-gpt.yaml", "-v", VQ, f"codes.train={codes}", "dataset.resolution=24",
+            "arch.dim=32", "arch.n_layer=2", "arch.n_head=2", "npp.patch_level=2", "experiment.epochs=2", "experiment.batch_size=4", "experiment.total_batch_size=16",
             "npp.ema=0.9", "experiment.log_every=1", "experiment.test_freq=3", "experiment.eval_batches=1",
             "optimizer.init_lr=3e-3", "--device", "cpu"]
 
