@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.official_code import import_official, official_checkout  # noqa: E402
-from benchmarks.protocol import Protocol, add_protocol_flags, print_header, speedup, timed_call  # noqa: E402
+from benchmarks.protocol import (Protocol, add_protocol_flags, device_note, print_header, seeded_labels,  # noqa: E402
+                                 speedup, timed_call)
 from common.errors import ConfigError, cli_entry  # noqa: E402
 from npp.gpt import GPT  # noqa: E402
 from npp.official import load_official_gpt  # noqa: E402
@@ -153,15 +154,13 @@ def main() -> None:
 
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     print(f"GPT sampling: {args.model} ({params:.1f}M parameters, random weights), {args.grid}x{args.grid} codes of "
-          f"{VOCAB_SIZE}, cfg {args.cfg} (interval {args.cfg_interval}), {args.precision} on {device}"
-          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
-          + f"; official code {commit}; seconds per batch, median (min-max) of {args.repeats}")
+          f"{VOCAB_SIZE}, cfg {args.cfg} (interval {args.cfg_interval}), {args.precision} on "
+          f"{device_note(device)}; official code {commit}; seconds per batch, median (min-max) of {args.repeats}")
     header = (f"{'batch':>5} | {'mode':<10} | {'official s':>20} | {'ours s':>20} | {'speed-up':>19} | "
               f"{'ours images/s':>13} | same codes")
     print_header(header)
     for batch_size in args.batch_sizes:
-        labels = torch.randint(0, NUM_CLASSES, (batch_size,),
-                               generator=torch.Generator().manual_seed(args.seed)).to(device)
+        labels = seeded_labels(NUM_CLASSES, batch_size, args.seed, device)
         for mode in args.modes:
             knobs = mode_knobs(mode, args)
             runs = protocol.alternate({name: run(name, labels, knobs) for name in samplers},

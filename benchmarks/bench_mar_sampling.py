@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.official_code import import_official, official_checkout, require  # noqa: E402
-from benchmarks.protocol import Protocol, add_protocol_flags, print_header, speedup, timed_call  # noqa: E402
+from benchmarks.protocol import (Protocol, add_protocol_flags, device_note, print_header, seeded_labels,  # noqa: E402
+                                 speedup, timed_call)
 from common.errors import ConfigError, cli_entry  # noqa: E402
 from mar.model import MAR, MAR_MODELS, MAR_SETTINGS  # noqa: E402
 
@@ -158,15 +159,13 @@ def main() -> None:
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     print(f"MAR sampling: {args.model} ({params:.1f}M parameters, random weights), {args.num_iter} iterations x "
           f"{args.num_sampling_steps} diffusion steps, cfg {args.cfg} {args.cfg_schedule}, temperature "
-          f"{args.temperature}, {args.precision} on {device}"
-          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
-          + f", wall time, median (min-max) of {args.repeats}; official code {official}")
+          f"{args.temperature}, {args.precision} on {device_note(device)}"
+          f", wall time, median (min-max) of {args.repeats}; official code {official}")
     header = (f"{'batch':>5} | {'official s':>20} | {'ours s':>20} | {'official images/s':>17} | "
               f"{'ours images/s':>13} | {'speed-up':>19} | {'max abs diff':>12} | {'max abs value':>13}")
     print_header(header)
     for batch_size in args.batch_sizes:
-        labels = torch.randint(0, ours.num_classes, (batch_size,), generator=torch.Generator().manual_seed(
-            args.seed)).to(device)
+        labels = seeded_labels(ours.num_classes, batch_size, args.seed, device)
         runs = protocol.alternate({name: functools.partial(timed, sample, labels, knobs, args, device)
                                    for name, sample in samplers.items()}, f"batch {batch_size}")
         rate = {name: batch_size / result.spread.median for name, result in runs.items()}

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.official_code import import_official, official_checkout, require  # noqa: E402
-from benchmarks.protocol import Protocol, add_protocol_flags, print_header, speedup, timed_call  # noqa: E402
+from benchmarks.protocol import (Protocol, add_protocol_flags, device_note, print_header, speedup,  # noqa: E402
+                                 timed_call)
 from common.errors import ConfigError, cli_entry  # noqa: E402
 from measure_throughput.presets import PRIORS, prior_arch  # noqa: E402
 from rqvae.transformer import RQTransformer  # noqa: E402
@@ -162,10 +163,8 @@ def main() -> None:
 
     h, w, d = ours.block_size
     print(f"RQ-Transformer sampling: preset {args.model} ({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M), "
-          f"{h}x{w}x{d} codes of {args.c}, top-k {args.top_k}, top-p {args.top_p}, {args.precision} on {device}, "
-          f"{args.clock} time"
-          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
-          + f"; seconds per batch, median (min-max) of {args.repeats}")
+          f"{h}x{w}x{d} codes of {args.c}, top-k {args.top_k}, top-p {args.top_p}, {args.precision} on "
+          f"{device_note(device)}, {args.clock} time; seconds per batch, median (min-max) of {args.repeats}")
     header = (f"{'batch':>5} | {'sampler':<16} | {'s / batch':>20} | {'images / s':>10} | {'ms / sample':>11} | "
               f"{'vs official':>19} | same codes as official")
     print_header(header)

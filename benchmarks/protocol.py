@@ -148,6 +148,16 @@ class Protocol:
             print(BANNER, flush=True)
 
 
+def device_note(device: torch.device) -> str:
+    """Where a table was measured: the device, and on a CPU the number of torch threads."""
+    return f"{device}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+
+
+def seeded_labels(num_classes: int, batch_size: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The class labels of one timed batch: the same for ours and the official sampler, and from run to run."""
+    return torch.randint(0, num_classes, (batch_size,), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def print_header(header: str) -> None:
     """A table's column names and the rule under them."""
     print(header)
