@@ -6,7 +6,7 @@
 Writes outputs/quickstart/: per method the training runs (checkpoints, metrics.jsonl, TensorBoard
 files, grids), their curves (curves.png), reconstruction and sample grids, and one metrics.json for
 everything; prints a summary. Samples and reconstructions are always scored by the built-in shapes
-classifier (trained once, about 45 s, then cached; see docs/evaluation.md); FID needs the Inception
+classifier (trained once, about 35 s, then cached; see docs/evaluation.md); FID needs the Inception
 weights file (see README, "Pretrained weights"); without it the quickstart says so.
 """
 from __future__ import annotations
@@ -152,8 +152,12 @@ def sample_and_score(checkpoint: str, tokenizer, val, out: str, env: dist.DistEn
 
 def run_rqvae(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     """RQ-VAE on shapes, then the class-conditional RQ-Transformer on its codes, then samples."""
-    stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/rqvae.yaml", "rqvae",
-                                                                      out, env, scorers, fast)
+    # Twice the steps at half the batch and twice the learning rate, the same images: 73% of the reconstructions
+    # keep their class instead of 57% (docs/evaluation.md).
+    stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer(
+        "configs/shapes/stage1/rqvae.yaml", "rqvae", out, env, scorers, fast,
+        full_run=("dataset.num_samples=3200", "experiment.epochs=3", "experiment.batch_size=16",
+                  "optimizer.init_lr=2.0e-3"))
     overrides = ["dataset.num_samples=320", "experiment.epochs=1"] if fast else \
         ["dataset.num_samples=1600", "experiment.epochs=3"]
     sample_scores = train_prior_and_sample("configs/shapes/stage2/rqtransformer.yaml", "rqtransformer", stage1,

@@ -1,6 +1,6 @@
 """The built-in shapes evaluator: its classifier, its scores, its cache, and compute_metrics.py --metrics shapes.
 
-The classifier is trained once per module with the real recipe, into a temporary cache folder: about 45 s of
+The classifier is trained once per module with the real recipe, into a temporary cache folder: about 35 s of
 one CPU core (its held-out accuracy is the number the recipe promises, so a shorter recipe would not test it).
 """
 import json
@@ -45,7 +45,7 @@ def noise_like(images: torch.Tensor) -> torch.Tensor:
 
 
 def test_classifier_recognises_held_out_shapes(evaluator):
-    assert evaluator.val_accuracy >= 0.95  # measured: 0.987 on the 1,000 shapes val images
+    assert evaluator.val_accuracy >= 0.95  # measured: 0.980 on the 1,000 shapes val images
     assert read_classifier_file(evaluator.path)["val_accuracy"] == evaluator.val_accuracy
 
 
@@ -54,11 +54,11 @@ def test_real_shapes_score_far_better_than_noise_and_shuffled_labels(evaluator, 
     real = evaluator.score(images, labels)
     shuffled = evaluator.score(images, labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))])
     noise = evaluator.score(noise_like(images), labels)
-    assert real["shapes_accuracy"] >= 0.95  # measured: 0.995
+    assert real["shapes_accuracy"] >= 0.9  # measured: 0.95
     assert shuffled["shapes_accuracy"] < 0.3 and noise["shapes_accuracy"] < 0.3
     assert shuffled["shapes_fd"] == real["shapes_fd"]  # the labels only enter the accuracy
-    assert 100 * real["shapes_fd"] < noise["shapes_fd"]  # measured: about 1.8 against 5,000
-    assert real["shapes_precision"] > 0.8 and real["shapes_recall"] > 0.8  # measured: 0.91 and 0.93
+    assert 100 * real["shapes_fd"] < noise["shapes_fd"]  # measured: about 1.0 against 440
+    assert real["shapes_precision"] > 0.8 and real["shapes_recall"] > 0.8  # measured: 0.93 and 0.90
     assert noise["shapes_precision"] < 0.1 and noise["shapes_recall"] < 0.1
 
 
@@ -66,6 +66,15 @@ def test_float_images_score_as_their_uint8_pixels(evaluator, unseen_shapes):
     images, labels = unseen_shapes
     as_float = images.float() / 127.5 - 1 + 1e-3  # less than half a grey level off: rounds back to the same pixels
     assert evaluator.score(as_float, labels) == evaluator.score(images, labels)
+
+
+def test_soft_outlines_keep_their_class(evaluator, unseen_shapes):
+    """Shapes shrunk to 16 px and enlarged back, as blurred as a tokenizer trained for minutes draws them, are
+    still recognised (a classifier trained on crisp shapes only recognised 26% of them)."""
+    images, labels = unseen_shapes
+    small = F.interpolate(images.float() / 127.5 - 1, size=(16, 16), mode="bilinear", antialias=True)
+    soft = F.interpolate(small, size=(32, 32), mode="bilinear")
+    assert evaluator.score(soft, labels)["shapes_accuracy"] >= 0.85  # measured: 0.92 (0.95 on the val split)
 
 
 def test_reconstruction_fd_grows_with_the_damage(evaluator, unseen_shapes):
@@ -81,7 +90,7 @@ def test_reconstruction_accuracy_is_the_class_kept_by_the_reconstructions(evalua
     originals, labels = unseen_shapes[0].float() / 127.5 - 1, unseen_shapes[1]
     same = evaluator.score_reconstructions(originals, originals, labels)["shapes_recon_accuracy"]
     noise = evaluator.score_reconstructions(noise_like(originals), originals, labels)["shapes_recon_accuracy"]
-    assert same > 0.95 and noise < 0.3
+    assert same >= 0.9 and noise < 0.3  # measured: 0.95 and 0.10
 
 
 def test_retraining_gives_identical_weights():

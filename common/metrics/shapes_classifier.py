@@ -39,6 +39,9 @@ class ClassifierRecipe:
     weight_decay: float = 1e-4
     width: int = 16
     feature_dim: int = 128
+    soften_fraction: float = 0.5  # of the training images, shrunk and enlarged back (`soften`)
+    soften_min_side: int = 12
+    noise_images: int = 4  # per batch, uniform noise with a uniform target (`with_noise`)
     seed: int = 0
 
 
@@ -111,6 +114,39 @@ def flip_and_turn(batch: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.rot90(batch, int(torch.randint(4, (), generator=generator)), dims=(2, 3))
 
 
+def soften(batch: torch.Tensor, generator: torch.Generator, fraction: float, min_side: int) -> torch.Tensor:
+    """A random `fraction` of the images shrunk to a random side in [min_side, 32] px and enlarged back.
+
+    Tokenizers and priors trained for minutes draw soft outlines that the eye still tells apart. Trained on
+    crisp shapes only, the classifier recognised 26% of the val shapes shrunk to 16 px and back (95% with
+    this) and 28% of a quickstart RQ-VAE's reconstructions (57%).
+    """
+    sides = torch.randint(min_side, RESOLUTION + 1, (batch.shape[0],), generator=generator)
+    chosen = torch.rand(batch.shape[0], generator=generator) < fraction
+    batch = batch.clone()
+    for index in torch.nonzero(chosen & (sides < RESOLUTION)).flatten().tolist():
+        side = int(sides[index])
+        small = F.interpolate(batch[index:index + 1], size=(side, side), mode="bilinear", antialias=True)
+        batch[index:index + 1] = F.interpolate(small, size=(RESOLUTION, RESOLUTION), mode="bilinear")
+    return batch
+
+
+def with_noise(batch: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+               count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch with its last `count` images replaced by uniform noise, and its targets: one-hot for shapes,
+    uniform for noise.
+
+    Softening taught the classifier to see a shape in anything: it put uniform noise among the real shapes (k-NN
+    precision 0.99 for noise). A few noise images that belong to no class keep noise apart (precision 0).
+    """
+    targets = F.one_hot(labels, NUM_CLASSES).float()
+    if count:
+        noise = torch.rand(batch[-count:].shape, generator=generator) * 2 - 1
+        batch = torch.cat([batch[:-count], noise])
+        targets[-count:] = 1 / NUM_CLASSES
+    return batch, targets
+
+
 def train_classifier(recipe: ClassifierRecipe = RECIPE) -> dict:
     """Train on the shapes train split and score on the val split, on the CPU in one thread. Returns the file's
     payload: recipe, weights, val accuracy, val features and the training time."""
@@ -139,7 +175,10 @@ def train_in_this_thread(recipe: ClassifierRecipe) -> dict:
         order = torch.randperm(recipe.train_images, generator=generator)
         for step in range(steps_per_epoch):
             batch = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
-            loss = F.cross_entropy(model(flip_and_turn(inputs[batch], generator))[0], labels[batch])
+            augmented = soften(flip_and_turn(inputs[batch], generator), generator, recipe.soften_fraction,
+                               recipe.soften_min_side)
+            augmented, targets = with_noise(augmented, labels[batch], generator, recipe.noise_images)
+            loss = F.cross_entropy(model(augmented)[0], targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
