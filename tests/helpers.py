@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -35,6 +37,29 @@ def refused_in_process(capsys, main, argv: list[str]) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
+
+
+def write_learnable_codes(folder) -> str:
+    """LlamaGen code files (two views each) of 32 images whose codes their class makes learnable: 12x12 codes of
+    the 128-entry tiny VQ (tests/data/npp/vq_tiny.pt)."""
+    from common.llamagen_codes import output_folders, write_image_codes
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 32)
+    codes = labels[:, None, None, None] * 12 + rng.integers(0, 4, (32, 2, 12, 12))
+    write_image_codes(output_folders(str(folder), "imagenet24"), np.arange(32), codes, labels)
+    return str(folder)
+
+
+def write_shapes_images(folder, count: int, resolution: int) -> str:
+    """The first `count` images of the built-in shapes training set as PNGs in `folder`."""
+    from common.data import ShapesDataset
+
+    os.makedirs(folder)
+    shapes = ShapesDataset("train", resolution=resolution, num_samples=count)
+    for i in range(count):
+        Image.fromarray(shapes.draw(i)).save(os.path.join(folder, f"{i:03d}.png"))
+    return str(folder)
 
 
 def train_records(run_dir) -> list[dict]:

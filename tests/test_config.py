@@ -111,10 +111,11 @@ def test_save_config_round_trips(tmp_path):
     assert read_yaml(out) == cfg.to_dict()
 
 
-def test_grad_accm_steps_is_the_accumulation_of_priors_and_refused_for_tokenizers(tmp_path):
+def test_grad_accm_steps_is_the_accumulation_of_priors_and_refused_for_tokenizers(tmp_path, capsys):
     from common.config import Config
     from common.prior_task import accumulation_steps
-    from tests.helpers import assert_one_line_error, run_cli
+    import main_stage1
+    from tests.helpers import refused_in_process
 
     def config(batch, total=None, accm=1):
         return Config({"experiment": {"batch_size": batch, "total_batch_size": total},
@@ -126,6 +127,6 @@ def test_grad_accm_steps_is_the_accumulation_of_priors_and_refused_for_tokenizer
     assert accumulation_steps(config(8, total=64, accm=4), world_size=2) == 4  # both, and they agree
     with pytest.raises(ConfigError, match="total_batch_size 64 and optimizer.grad_accm_steps 2 disagree"):
         accumulation_steps(config(8, total=64, accm=2), world_size=2)
-    result = run_cli("main_stage1.py", "-m", "configs/shapes/stage1/rqvae.yaml", "-r", str(tmp_path),
-                     "optimizer.grad_accm_steps=2")
-    assert_one_line_error(result, "optimizer.grad_accm_steps: tokenizers take one optimizer step per batch")
+    line = refused_in_process(capsys, main_stage1.main, ["-m", "configs/shapes/stage1/rqvae.yaml", "-r", str(tmp_path),
+                                                         "optimizer.grad_accm_steps=2"])
+    assert "optimizer.grad_accm_steps: tokenizers take one optimizer step per batch" in line

@@ -9,10 +9,10 @@ import sys
 
 import main_stage2
 from common.fault_injection import FAULT_VARIABLE
-from tests.fsdp_runs import gpt_args
-from tests.helpers import ROOT, refused_in_process, train_records
-from tests.test_fsdp import assert_close_weights, checkpoint, write_learnable_codes
+from tests.helpers import ROOT, refused_in_process, train_records, write_learnable_codes
+from tests.test_fsdp import assert_close_weights, checkpoint
 from tests.test_launch_scripts import free_port
+from tests.two_process_runs import gpt_args
 
 
 def test_a_run_killed_mid_epoch_restarts_by_itself_and_ends_as_an_uninterrupted_run(tmp_path):

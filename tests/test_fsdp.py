@@ -1,8 +1,8 @@
 """FSDP (experiment.fsdp) over two gloo processes trains as DDP does, and its checkpoints are whole, load without
-FSDP and resume exactly; the runs are those of tests/fsdp_runs.py, made in one torchrun launch."""
+FSDP and resume exactly; DDP over two processes trains the next-patch stages as one process does. The two-process
+runs are those of tests/two_process_runs.py (the `two_process_runs` fixture)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
@@ -11,31 +11,11 @@ import main_stage2
 from common.checkpoint import strict_load
 from common.dcp import join_folder
 from common.fsdp import recompute_blocks
-from common.llamagen_codes import output_folders, write_image_codes
 from common.runlog import read_metrics
 from npp.gpt import GPT
 from scripts import sample
-from tests.fsdp_runs import VQ, gpt_args
-from tests.helpers import refused_in_process, run_cli, train_records
-
-
-def write_learnable_codes(folder) -> str:
-    """LlamaGen code files (two views each) of 32 images whose codes their class makes learnable."""
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 32)
-    codes = labels[:, None, None, None] * 12 + rng.integers(0, 4, (32, 2, 12, 12))
-    write_image_codes(output_folders(str(folder), "imagenet24"), np.arange(32), codes, labels)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    codes = write_learnable_codes(out / "codes")
-    result = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/fsdp_runs.py",
-                     str(out), codes)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+from tests.helpers import refused_in_process, train_records, write_learnable_codes
+from tests.two_process_runs import VQ, gpt_args, patch_stage_args
 
 
 def checkpoint(path) -> dict:
@@ -58,8 +38,8 @@ def assert_close_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
 
-def test_fsdp_trains_a_tiny_gpt_through_the_patch_stages_as_ddp_does(runs):
-    ddp, fsdp = runs / "gpt_ddp" / "npp-gpt", runs / "gpt_fsdp" / "npp-gpt"
+def test_fsdp_trains_a_tiny_gpt_through_the_patch_stages_as_ddp_does(two_process_runs):
+    ddp, fsdp = two_process_runs / "gpt_ddp" / "npp-gpt", two_process_runs / "gpt_fsdp" / "npp-gpt"
     assert_same_training(ddp, fsdp)
     records = train_records(fsdp)
     assert [r["patch_size"] for r in records] == [4] * 4 + [1] * 4
@@ -77,8 +57,8 @@ def test_fsdp_trains_a_tiny_gpt_through_the_patch_stages_as_ddp_does(runs):
     assert (fsdp / "images" / "epoch0002.png").is_file()  # previews sampled on both ranks
 
 
-def test_fsdp_trains_a_tiny_rq_transformer_and_its_ema_as_ddp_does(runs):
-    ddp, fsdp = runs / "rq_ddp" / "rqtransformer", runs / "rq_fsdp" / "rqtransformer"
+def test_fsdp_trains_a_tiny_rq_transformer_and_its_ema_as_ddp_does(two_process_runs):
+    ddp, fsdp = two_process_runs / "rq_ddp" / "rqtransformer", two_process_runs / "rq_fsdp" / "rqtransformer"
     assert_same_training(ddp, fsdp)
     a, b = checkpoint(ddp / "last.pt"), checkpoint(fsdp / "last.pt")
     assert_close_weights(a["model"], b["model"])
@@ -86,8 +66,8 @@ def test_fsdp_trains_a_tiny_rq_transformer_and_its_ema_as_ddp_does(runs):
     assert b["ema"]["num_updates"] == a["ema"]["num_updates"] == 4
 
 
-def test_fsdp_resumes_exactly_from_its_sharded_checkpoint_by_itself(runs, tmp_path, capsys):
-    full, resumed = runs / "gpt_fsdp" / "npp-gpt", runs / "gpt_fsdp_dcp" / "npp-gpt"
+def test_fsdp_resumes_exactly_from_its_sharded_checkpoint_by_itself(two_process_runs, tmp_path, capsys):
+    full, resumed = two_process_runs / "gpt_fsdp" / "npp-gpt", two_process_runs / "gpt_fsdp_dcp" / "npp-gpt"
     assert train_records(resumed) == train_records(full)  # stopped at step 6 (mid-epoch), restarted without flags
     assert "resumed from" in (resumed / "train.log").read_text()
     assert not (resumed / "last.pt").exists() and (resumed / "last.dcp" / "meta.pt").is_file()
@@ -101,19 +81,34 @@ def test_fsdp_resumes_exactly_from_its_sharded_checkpoint_by_itself(runs, tmp_pa
     assert "sharded checkpoint folder" in line and "dcp_to_file.py" in line
 
 
-def test_a_ddp_checkpoint_starts_an_fsdp_run(runs):
-    ddp, continued = runs / "gpt_ddp" / "npp-gpt", runs / "gpt_from_ddp" / "npp-gpt"
+def test_a_ddp_checkpoint_starts_an_fsdp_run(two_process_runs):
+    ddp, continued = two_process_runs / "gpt_ddp" / "npp-gpt", two_process_runs / "gpt_from_ddp" / "npp-gpt"
     assert [r["step"] for r in train_records(continued)] == [5, 6, 7, 8]
     assert_close_weights(checkpoint(ddp / "last.pt")["model"], checkpoint(continued / "last.pt")["model"])
 
 
-def test_fsdp_trains_a_tokenizer_against_its_discriminator(runs):
-    run = runs / "rqvae_fsdp" / "rqvae"
+def test_fsdp_trains_a_tokenizer_against_its_discriminator(two_process_runs):
+    run = two_process_runs / "rqvae_fsdp" / "rqvae"
     assert len(train_records(run)) == 1 and "2 process(es)" in (run / "train.log").read_text()
     saved = checkpoint(run / "last.pt")
     assert {"model", "discriminator", "optimizer", "disc_optimizer"} <= set(saved)
     assert not any(isinstance(t, DTensor) for t in saved["model"].values())
     assert (run / "images" / "epoch0001.png").is_file()  # reconstructions with the gathered weights
+
+
+def test_two_processes_train_the_patch_stages_as_one_process_at_the_same_global_batch(two_process_runs, tmp_path):
+    codes = str(two_process_runs / "codes")
+    main_stage2.main([*patch_stage_args(codes), "-r", str(tmp_path), "experiment.batch_size=8"])
+    x, y = train_records(tmp_path / "npp-gpt"), train_records(two_process_runs / "gpt_stages" / "npp-gpt")
+    assert [r["patch_size"] for r in x] == [r["patch_size"] for r in y] == [16] * 4 + [4] * 4 + [1] * 8
+    assert [r["lr"] for r in x] == [r["lr"] for r in y]
+    assert x[-1]["loss"] < x[0]["loss"] - 0.5  # it learns, so equal steps mean something
+    for r, s in zip(x, y):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-4)
+        assert r["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-3)
+    a = checkpoint(tmp_path / "npp-gpt" / "last.pt")["model"]
+    b = checkpoint(two_process_runs / "gpt_stages" / "npp-gpt" / "last.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_grad_checkpointing_recomputes_each_block_in_the_backward_pass_and_changes_no_gradient():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -29,7 +28,8 @@ from lfq.model import LFQTokenizer
 from lfq.stage1 import STAGE1_SCHEMA, LFQStage1Task, check_stage1_config
 from lfq.official import read_lfq_config
 from methods import load_tokenizer
-from tests.helpers import DATA, assert_one_line_error, run_cli
+from scripts import reconstruct
+from tests.helpers import DATA, refused_in_process
 
 LFQ_DATA = os.path.join(DATA, "lfq")
 CKPT = os.path.join(LFQ_DATA, "small_lfq.ckpt")
@@ -50,14 +50,6 @@ OFFICIAL_ON_SHAPES = ["dataset.type=shapes", "dataset.transforms.type=none", "da
 
 def records(run_dir, split="train"):
     return [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["split"] == split]
-
-
-def run_in_process(main, argv, capsys) -> subprocess.CompletedProcess:
-    """An entry point run in this process, as the CompletedProcess `assert_one_line_error` reads."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err)
 
 
 def official_task(*overrides: str) -> LFQStage1Task:
@@ -203,9 +195,8 @@ def test_official_yaml_and_checkpoint_train_through_main_stage1(tmp_path):
 
 def test_reconstruct_reproduces_official_reconstructions(tmp_path):
     names = write_inputs(tmp_path / "in")
-    result = run_cli("scripts/reconstruct.py", "--ckpt", CKPT, "--config", OFFICIAL_YAML, "--input",
-                     str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    reconstruct.main(["--ckpt", CKPT, "--config", OFFICIAL_YAML, "--input", str(tmp_path / "in"), "--output",
+                      str(tmp_path / "out"), "--device", "cpu"])
     ours = np.stack([np.asarray(Image.open(tmp_path / "out" / name)) for name in names]).astype(int)
     # the official PNGs truncate to uint8, ours round: at most one level apart
     assert np.abs(ours - official_pngs().astype(int)).max() <= 1
@@ -237,17 +228,16 @@ def test_compute_rfid_scores_official_checkpoint(tmp_path):
 def test_bad_input_gives_one_clear_line(tmp_path, capsys):
     not_tokenizer = tmp_path / "imagenet_conditional_llama_B.yaml"
     not_tokenizer.write_text("model:\n  class_path: src.Open_MAGVIT2.models.cond_transformer_gpt.Net2NetTransformer\n")
-    assert_one_line_error(run_in_process(main_stage1.main, ["-m", str(not_tokenizer), "-r", str(tmp_path)], capsys),
-                          "not an Open-MAGVIT2 tokenizer config")
-    assert_one_line_error(run_cli("scripts/reconstruct.py", "--ckpt", CKPT, "--config",
-                                  "configs/shapes/stage1/rqvae.yaml", "--input", LFQ_DATA, "--output",
-                                  str(tmp_path / "out")), "not an Open-MAGVIT2 / LFQ tokenizer config")
-    assert_one_line_error(run_in_process(main_stage1.main, ["-m", CONFIG, "-r", str(tmp_path), "-l", CKPT], capsys),
-                          "8-bit codes", "10 bits")
-    assert_one_line_error(run_in_process(main_stage1.main, ["-m", CONFIG, "-r", str(tmp_path),
-                                                            "dataset.resolution=64"], capsys),
-                          "dataset.resolution 64", "arch.image_size 32")
-    assert_one_line_error(run_in_process(main_stage1.main, ["-m", CONFIG, "-r", str(tmp_path),
-                                                            "arch.image_size=30", "dataset.resolution=30"], capsys),
-                          "image_size must be a multiple of 4")
+    line = refused_in_process(capsys, main_stage1.main, ["-m", str(not_tokenizer), "-r", str(tmp_path)])
+    assert "not an Open-MAGVIT2 tokenizer config" in line
+    line = refused_in_process(capsys, reconstruct.main, ["--ckpt", CKPT, "--config", "configs/shapes/stage1/rqvae.yaml",
+                                                         "--input", LFQ_DATA, "--output", str(tmp_path / "out")])
+    assert "not an Open-MAGVIT2 / LFQ tokenizer config" in line
+    line = refused_in_process(capsys, main_stage1.main, ["-m", CONFIG, "-r", str(tmp_path), "-l", CKPT])
+    assert "8-bit codes" in line and "10 bits" in line
+    line = refused_in_process(capsys, main_stage1.main, ["-m", CONFIG, "-r", str(tmp_path), "dataset.resolution=64"])
+    assert "dataset.resolution 64" in line and "arch.image_size 32" in line
+    line = refused_in_process(capsys, main_stage1.main, ["-m", CONFIG, "-r", str(tmp_path), "arch.image_size=30",
+                                                         "dataset.resolution=30"])
+    assert "image_size must be a multiple of 4" in line
     assert not (tmp_path / "out").exists()

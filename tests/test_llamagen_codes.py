@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+import main_stage2
 from common.errors import DataError
 from common.llamagen_codes import LlamaGenCodes, open_codes, output_folders, write_image_codes
 from common.token_cache import CachedTokens
 from methods import load_tokenizer
 from scripts import extract_codes
-from tests.helpers import DATA, assert_one_line_error, run_cli
+from tests.helpers import DATA, refused_in_process
 
 VQ = os.path.join(DATA, "npp", "vq_tiny.pt")  # 24 px -> 12x12 codes of 128 entries
 OFFICIAL = os.path.join(DATA, "npp", "extract")
@@ -106,9 +107,10 @@ def test_bad_code_folders_give_one_clear_line(tmp_path, source_folder, capsys):
 
     folders = random_folder(tmp_path / "unlabelled", views=2)
     os.remove(os.path.join(folders.labels, "3.npy"))
-    result = run_cli("main_stage2.py", "-m", "configs/shapes/stage2/npp-gpt.yaml", "-r", str(tmp_path / "run"),
-                     "-v", VQ, "dataset.resolution=24", f"codes.train={tmp_path / 'unlabelled'}")
-    assert_one_line_error(result, "3.npy", "no labels file")
+    line = refused_in_process(capsys, main_stage2.main, ["-m", "configs/shapes/stage2/npp-gpt.yaml", "-r",
+                                                         str(tmp_path / "run"), "-v", VQ, "dataset.resolution=24",
+                                                         f"codes.train={tmp_path / 'unlabelled'}"])
+    assert "3.npy" in line and "no labels file" in line
 
     # codes of a larger codebook than the tokenizer's (and so the prior's) 128 entries, as main_stage2 opens them
     random_folder(tmp_path / "foreign", views=2, offset=100)

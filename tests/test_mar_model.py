@@ -38,15 +38,6 @@ TINY_ARCH["norm_eps"] = 1e-6
 RELEASED = {"mar_base": 207_924_768, "mar_large": 478_326_304, "mar_huge": 942_403_104}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a busy machine their hand-offs cost more than the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ema_model() -> MAR:
     return load_official_mar(CKPT, arch=TINY_ARCH)[0]

@@ -34,7 +34,6 @@ from mar.vae import KLVAE
 from methods import load_tokenizer
 from scripts import sample
 from tests.helpers import DATA, assert_one_line_error, assert_resume_is_exact, run_cli, train_records
-from tests.test_mar_model import one_thread  # noqa: F401  (autouse: one torch thread here too, 15x faster)
 
 CONFIG = "configs/shapes/mar/mar.yaml"
 OFFICIAL = os.path.join(DATA, "mar", "mar_tiny", "checkpoint-last.pth")
@@ -146,10 +145,9 @@ def test_yaml_training_resumes_exactly(vae, tmp_path):
 def test_torchrun_two_processes_keep_the_single_process_schedule(vae, cache, tmp_path):
     # Masks, orders and diffusion noise are drawn per process, as officially, so losses differ step by step
     # (the exact equivalence is pinned below); batches, steps and the learning rate of the global batch agree.
-    args = ["main_mar.py", *cached_run(vae, cache, "OUT", "--epochs", "2"), "mar.lr=null", "mar.blr=0.032"]
-    one = run_cli(*[str(tmp_path / "one") if a == "OUT" else a for a in args])
-    assert one.returncode == 0, one.stderr
-    two = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
+    args = [*cached_run(vae, cache, "OUT", "--epochs", "2"), "mar.lr=null", "mar.blr=0.032"]
+    main_mar.main([str(tmp_path / "one") if a == "OUT" else a for a in args])
+    two = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561", "main_mar.py",
                   *[str(tmp_path / "two") if a == "OUT" else a for a in args], "experiment.batch_size=8")
     assert two.returncode == 0, two.stderr
     x, y = train_records(tmp_path / "one"), train_records(tmp_path / "two")

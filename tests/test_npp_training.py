@@ -16,7 +16,9 @@ import main_stage2
 from common.checkpoint import load_file
 from common.runlog import read_metrics
 from npp.schedule import patch_plan, segment_lr_multiplier
-from tests.helpers import DATA, assert_one_line_error, assert_resume_is_exact, run_cli, train_records
+from scripts import sample
+from tests.helpers import (DATA, assert_one_line_error, assert_resume_is_exact, refused_in_process, run_cli,
+                           train_records)
 
 CONFIG = "configs/shapes/stage2/npp-gpt.yaml"
 VQ = os.path.join(DATA, "npp", "vq_tiny.pt")
@@ -61,7 +63,7 @@ def test_resume_continues_exactly(tmp_path):
                            stop_step=11, total_steps=16)
 
 
-def test_official_gpt_file_as_starting_point(tmp_path):
+def test_official_gpt_file_as_starting_point(tmp_path, capsys):
     # -l loads the official weights; at learning rate 0 the run's checkpoint still holds exactly them
     main_stage2.main(["-m", CONFIG, "-r", str(tmp_path), "-v", VQ, "-l", GPT_FILE, "dataset.resolution=24",
                       "dataset.num_samples=16", "arch.dim=48", "arch.n_layer=3", "arch.n_head=4",
@@ -72,9 +74,8 @@ def test_official_gpt_file_as_starting_point(tmp_path):
     assert trained.keys() == official.keys() and all(torch.equal(trained[k], official[k]) for k in official)
 
     # scripts/sample.py on that checkpoint draws the official sampler's greedy guided codes and images
-    result = run_cli("scripts/sample.py", "-v", VQ, "-a", checkpoint, "--classes", "0", "7", "--top-k", "1",
-                     "--cfg", "1.5", "--device", "cpu", "--output", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
+    sample.main(["-v", VQ, "-a", checkpoint, "--classes", "0", "7", "--top-k", "1", "--cfg", "1.5", "--device", "cpu",
+                 "--output", str(tmp_path / "out")])
     codes = np.load(tmp_path / "out" / "codes.npy")
     official_codes = np.load(os.path.join(DATA, "npp", "gpt_generate.npz"))["codes_greedy_cfg1.5"]
     assert codes.shape == (2, 12, 12) and np.array_equal(codes.reshape(2, 144), official_codes)
@@ -82,31 +83,35 @@ def test_official_gpt_file_as_starting_point(tmp_path):
         ours = np.asarray(Image.open(tmp_path / "out" / f"{index:05d}.png")).astype(int)
         reference = np.asarray(Image.open(os.path.join(DATA, "npp", f"sample_greedy_cfg1.5_label{label}.png")))
         assert np.abs(ours - reference.astype(int)).max() <= 1
-    assert_one_line_error(run_cli("scripts/sample.py", "-v", RQVAE, "-a", checkpoint, "--output",
-                                  str(tmp_path / "x")), "pass the tokenizer it was trained with")
+    capsys.readouterr()  # the progress bar of the run above
+    line = refused_in_process(capsys, sample.main, ["-v", RQVAE, "-a", checkpoint, "--output", str(tmp_path / "x")])
+    assert "pass the tokenizer it was trained with" in line
 
 
-def test_official_open_magvit2_tokenizer_with_its_yaml(tmp_path):
+def test_official_open_magvit2_tokenizer_with_its_yaml(tmp_path, capsys):
     lfq = [os.path.join(DATA, "lfq", "small_lfq.ckpt"), "dataset.resolution=32", "dataset.num_samples=16",
            "arch.dim=32", "arch.n_layer=1", "arch.n_head=2", "experiment.batch_size=8", "experiment.epochs=1",
            "experiment.eval_batches=1", "experiment.tensorboard=false"]
-    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v", *lfq),
-                          "small_lfq.ckpt", "--config")
+    line = refused_in_process(capsys, main_stage2.main, ["-m", CONFIG, "-r", str(tmp_path), "-v", *lfq])
+    assert "small_lfq.ckpt" in line and "--config" in line
     assert not os.listdir(tmp_path)
-    result = run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v", *lfq, "--config",
-                     os.path.join(DATA, "lfq", "small_config.yaml"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    main_stage2.main(["-m", CONFIG, "-r", str(tmp_path), "-v", *lfq, "--config",
+                      os.path.join(DATA, "lfq", "small_config.yaml")])
     assert train_records(tmp_path / "npp-gpt")
 
 
-def test_bad_input_gives_one_clear_line(tmp_path):
+def refused(capsys, *argv: str) -> str:
+    """The one line main_stage2.py refuses `-m CONFIG argv` with, run in this process."""
+    return refused_in_process(capsys, main_stage2.main, ["-m", CONFIG, *argv])
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, capsys):
+    # the process itself, once: nothing but the line on stderr
     assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v", RQVAE),
                           "square grid of codes", "[8, 8, 3]")
-    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), *TINY, "npp.patch_level=5"),
-                          "npp.patch_level 5")
-    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), *TINY, "npp.patch_level=4"),
-                          "do not tile the 12x12 code grid")
-    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), *TINY, "arch.vocab_size=64"),
-                          "arch.vocab_size 64", "128")
-    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), *TINY, "-l", RQVAE),
-                          "not a GPT checkpoint")
+    run = ["-r", str(tmp_path), *TINY]
+    assert "npp.patch_level 5" in refused(capsys, *run, "npp.patch_level=5")
+    assert "do not tile the 12x12 code grid" in refused(capsys, *run, "npp.patch_level=4")
+    line = refused(capsys, *run, "arch.vocab_size=64")
+    assert "arch.vocab_size 64" in line and "128" in line
+    assert "not a GPT checkpoint" in refused(capsys, *run, "-l", RQVAE)

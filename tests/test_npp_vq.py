@@ -23,7 +23,8 @@ from common.metrics import write_random_inception_weights
 from methods import load_tokenizer
 from npp.official import vq_arch_from_state
 from npp.vq import VQTokenizer
-from tests.helpers import DATA, ROOT, assert_one_line_error, run_cli
+from scripts import reconstruct
+from tests.helpers import DATA, ROOT, refused_in_process
 
 NPP_DATA = os.path.join(DATA, "npp")
 CKPT = os.path.join(NPP_DATA, "vq_tiny.pt")
@@ -162,17 +163,17 @@ def test_bad_codes_and_images_are_refused(tiny):
         tiny.encode(torch.zeros(1, 3, 23, 24))
 
 
-def test_reconstruct_script_with_the_official_file(tmp_path):
+def test_reconstruct_script_with_the_official_file(tmp_path, capsys):
     source, config = write_tiny_setup(tmp_path, {"type": "folder"})
-    result = run_cli("scripts/reconstruct.py", "--ckpt", CKPT, "--config", config, "--input", source,
-                     "--output", str(tmp_path / "out"), "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    reconstruct.main(["--ckpt", CKPT, "--config", config, "--input", source, "--output", str(tmp_path / "out"),
+                      "--device", "cpu"])
     ours = np.stack([np.asarray(Image.open(tmp_path / "out" / f"{i}.png")) for i in range(4)]).astype(int)
     # ours round, the official PNGs truncate: at most one level apart
     assert np.abs(ours - official_recon_pngs().astype(int)).max() <= 1
     assert (tmp_path / "out" / "grid.png").is_file()
-    assert_one_line_error(run_cli("scripts/reconstruct.py", "--ckpt", CKPT, "--config", str(tmp_path / "nope.yaml"),
-                                  "--input", source, "--output", str(tmp_path / "out2")), "nope.yaml")
+    capsys.readouterr()  # the progress bar of the run above
+    assert "nope.yaml" in refused_in_process(capsys, reconstruct.main, [
+        "--ckpt", CKPT, "--config", str(tmp_path / "nope.yaml"), "--input", source, "--output", str(tmp_path / "out2")])
 
 
 def test_compute_rfid_scores_the_official_file(tmp_path):

@@ -10,7 +10,8 @@ from PIL import Image
 
 import compute_rfid
 from common.metrics import psnr, write_random_inception_weights
-from tests.helpers import DATA, assert_one_line_error, run_cli
+from scripts import reconstruct
+from tests.helpers import DATA, assert_one_line_error, refused_in_process, run_cli
 
 STAGE1 = os.path.join(DATA, "rqvae", "stage1")
 VECTORS = torch.load(os.path.join(DATA, "rqvae", "stage1_vectors.pt"), weights_only=True)
@@ -26,9 +27,8 @@ def write_inputs(folder):
 
 def test_reconstruct_reproduces_official_reconstructions(tmp_path):
     names = write_inputs(tmp_path / "in")
-    result = run_cli("scripts/reconstruct.py", "--ckpt", os.path.join(STAGE1, "model.pt"),
-                     "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    reconstruct.main(["--ckpt", os.path.join(STAGE1, "model.pt"), "--input", str(tmp_path / "in"), "--output",
+                      str(tmp_path / "out"), "--device", "cpu"])
     for name, expected in zip(names, VECTORS["recon_png_u8_nhwc"].numpy()):
         ours = np.asarray(Image.open(tmp_path / "out" / name)).astype(int)
         # the official PNGs truncate to uint8, ours round: at most one level apart
@@ -37,21 +37,24 @@ def test_reconstruct_reproduces_official_reconstructions(tmp_path):
     assert grid.size[1] > grid.size[0] / 4  # two rows: inputs and reconstructions
 
 
-def test_reconstruct_bad_input(tmp_path):
+def test_reconstruct_bad_input(tmp_path, capsys):
     ckpt = os.path.join(STAGE1, "model.pt")
     (tmp_path / "empty").mkdir()
+    # the process itself, once: nothing but the line on stderr
     assert_one_line_error(run_cli("scripts/reconstruct.py", "--ckpt", ckpt, "--input", str(tmp_path / "empty"),
                                   "--output", str(tmp_path / "out")), "no images")
     write_inputs(tmp_path / "bad")
     (tmp_path / "bad" / "broken.png").write_bytes(b"not an image at all")
-    assert_one_line_error(run_cli("scripts/reconstruct.py", "--ckpt", ckpt, "--input", str(tmp_path / "bad"),
-                                  "--output", str(tmp_path / "out")), "unreadable", "broken.png")
+    line = refused_in_process(capsys, reconstruct.main, ["--ckpt", ckpt, "--input", str(tmp_path / "bad"),
+                                                         "--output", str(tmp_path / "out")])
+    assert "unreadable" in line and "broken.png" in line
     assert not (tmp_path / "out").exists()  # nothing half-written
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     shutil.copy(ckpt, lonely / "model.pt")
-    assert_one_line_error(run_cli("scripts/reconstruct.py", "--ckpt", str(lonely / "model.pt"), "--input",
-                                  str(tmp_path / "bad"), "--output", str(tmp_path / "out")), "config.yaml")
+    line = refused_in_process(capsys, reconstruct.main, ["--ckpt", str(lonely / "model.pt"), "--input",
+                                                         str(tmp_path / "bad"), "--output", str(tmp_path / "out")])
+    assert "config.yaml" in line
 
 
 def test_compute_rfid_scores_official_checkpoint(tmp_path):

@@ -33,6 +33,8 @@ from tests.helpers import DATA, assert_one_line_error, run_cli
 STAGE1 = os.path.join(DATA, "rqvae", "stage1", "model.pt")
 STAGE2 = os.path.join(DATA, "rqvae", "stage2", "model.pt")
 MODELS = ["-v", STAGE1, "-a", STAGE2, "--device", "cpu"]
+# main_sampling_fid.py in one process and in two (tests/two_process_runs.py): the same images, batch by batch
+SHARDED_SAMPLING = [*MODELS, "-n", "16", "-bs", "4", "--no-stats-saving", "--seed", "7"]
 
 
 @pytest.fixture(scope="module")
@@ -187,22 +189,14 @@ def test_main_sampling_fid_saves_pngs_adm_npz_and_scores(tmp_path, inception_wei
     assert np.array_equal(np.stack([np.asarray(Image.open(first / f"{i:05d}.png")) for i in range(8)]), arr[:8])
 
 
-def test_sharded_sampling_on_two_processes_equals_one_process(tmp_path):
-    args = [*MODELS, "-n", "16", "-bs", "4", "--no-stats-saving", "--seed", "7"]
-    two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_sampling_fid.py",
-                  *args, "--save-dir", str(tmp_path / "two"))
-    assert two.returncode == 0, two.stderr
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun worker: other thread counts round differently
-    try:
-        main_sampling_fid.main([*args, "--save-dir", str(tmp_path / "one")])
-    finally:
-        torch.set_num_threads(threads)
+def test_sharded_sampling_on_two_processes_equals_one_process(two_process_runs, tmp_path):
+    main_sampling_fid.main([*SHARDED_SAMPLING, "--save-dir", str(tmp_path / "one")])  # one thread, as each worker
+    two = two_process_runs / "sampled"
     with np.load(os.path.join(sampled_dir(tmp_path / "one"), "samples.npz")) as one, \
-            np.load(os.path.join(sampled_dir(tmp_path / "two"), "samples.npz")) as other:
+            np.load(os.path.join(sampled_dir(two), "samples.npz")) as other:
         assert np.array_equal(one["arr_0"], other["arr_0"]) and np.array_equal(one["labels"], other["labels"])
         assert len(np.unique(one["arr_0"].reshape(16, -1), axis=0)) == 16  # every batch drew its own images
-    assert len(glob.glob(os.path.join(sampled_dir(tmp_path / "two"), "samples", "*.png"))) == 16
+    assert len(glob.glob(os.path.join(sampled_dir(two), "samples", "*.png"))) == 16
 
 
 # ----------------------------------------------------------------------------------------------

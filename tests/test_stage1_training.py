@@ -3,7 +3,7 @@
 import pytest
 
 import main_stage1
-from tests.helpers import assert_resume_is_exact, train_records, assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, assert_resume_is_exact, refused_in_process, run_cli, train_records
 
 CONFIG = "configs/shapes/stage1/rqvae.yaml"
 # 16x16 shapes, one downsampling: the smallest RQ-VAE that still exercises every part of the step.
@@ -11,6 +11,11 @@ TINY = ["dataset.resolution=16", "dataset.num_samples=64", "arch.ddconfig.resolu
         "arch.ddconfig.ch_mult=[1,2]", "arch.hparams.latent_shape=[8,8,32]", "arch.hparams.n_embed=32",
         "experiment.batch_size=8", "experiment.log_every=1", "experiment.eval_batches=2",
         "gan.loss.disc_start=1", "experiment.num_workers=0"]
+# One process at the global batch 8, and two processes of 4 each (tests/two_process_runs.py). GAN and code restarts
+# off: BatchNorm batch statistics and the restart's random pick depend on each process's share of the batch,
+# everything else is averaged exactly.
+DDP_RUN = ["-m", CONFIG, *TINY, "experiment.epochs=1", "gan.loss.disc_start=5",
+           "arch.hparams.restart_unused_codes=false", "--device", "cpu"]
 
 
 def test_tiny_training_loss_falls(tmp_path):
@@ -30,32 +35,26 @@ def test_resume_continues_exactly(tmp_path):
                            total_steps=16)
 
 
-
-def test_two_process_ddp_matches_one_process(tmp_path):
-    # Same global batch (8 = 2 x 4). GAN and code restarts off: BatchNorm batch statistics and the restart's
-    # random pick depend on each process's share of the batch, everything else is averaged exactly.
-    common = [*TINY, "experiment.epochs=1", "gan.loss.disc_start=5", "arch.hparams.restart_unused_codes=false"]
-    one = run_cli("main_stage1.py", "-m", CONFIG, "-r", str(tmp_path / "one"), *common, "--device", "cpu")
-    assert one.returncode == 0, one.stderr
-    two = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "main_stage1.py",
-                  "-m", CONFIG, "-r", str(tmp_path / "two"), *common, "experiment.batch_size=4", "--device", "cpu")
-    assert two.returncode == 0, two.stderr
-    a, b = train_records(tmp_path / "one" / "rqvae"), train_records(tmp_path / "two" / "rqvae")
+def test_two_process_ddp_matches_one_process(two_process_runs, tmp_path):
+    main_stage1.main([*DDP_RUN, "-r", str(tmp_path)])
+    a, b = train_records(tmp_path / "rqvae"), train_records(two_process_runs / "rqvae_ddp" / "rqvae")
     assert len(a) == len(b) == 8
     for x, y in zip(a, b):
         assert x["loss_recon"] == pytest.approx(y["loss_recon"], rel=1e-4, abs=1e-6)
         assert x["loss_latent"] == pytest.approx(y["loss_latent"], rel=1e-3, abs=1e-6)
 
 
-def test_bad_input_gives_one_clear_line(tmp_path):
+def test_bad_input_gives_one_clear_line(tmp_path, capsys):
+    # the process itself, once: nothing but the line on stderr
     assert_one_line_error(run_cli("main_stage1.py", "-m", "configs/nope.yaml", "-r", str(tmp_path)),
                           "configs/nope.yaml", "not found")
-    assert_one_line_error(run_cli("main_stage1.py", "-m", CONFIG, "-r", str(tmp_path), "optimizer.lr=1"),
-                          "unknown override key 'optimizer.lr'")
-    assert_one_line_error(run_cli("main_stage1.py", "-m", CONFIG, "-r", str(tmp_path), "dataset.type=folder",
-                                  f"dataset.root={tmp_path}/missing"), "missing")
-    assert_one_line_error(run_cli("main_stage1.py", "-m", CONFIG, "-r", str(tmp_path), "--resume"),
-                          "--resume", "last.pt")
+    run = ["-m", CONFIG, "-r", str(tmp_path)]
+    line = refused_in_process(capsys, main_stage1.main, [*run, "optimizer.lr=1"])
+    assert "unknown override key 'optimizer.lr'" in line
+    missing = [*run, "dataset.type=folder", f"dataset.root={tmp_path}/missing"]
+    assert "missing" in refused_in_process(capsys, main_stage1.main, missing)
+    line = refused_in_process(capsys, main_stage1.main, [*run, "--resume"])
+    assert "--resume" in line and "last.pt" in line
     bad = tmp_path / "bad.yaml"
     bad.write_text("arch: {type: rq-vae, hparams: {n_embed: many}}\n")
-    assert_one_line_error(run_cli("main_stage1.py", "-m", str(bad), "-r", str(tmp_path)), "n_embed")
+    assert "n_embed" in refused_in_process(capsys, main_stage1.main, ["-m", str(bad), "-r", str(tmp_path)])

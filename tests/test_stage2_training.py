@@ -7,7 +7,9 @@ import torch
 
 import main_stage2
 from common.token_cache import CachedTokens
-from tests.helpers import assert_resume_is_exact, train_records, DATA, assert_one_line_error, run_cli
+from scripts import extract_codes
+from tests.helpers import (DATA, assert_one_line_error, assert_resume_is_exact, refused_in_process, run_cli,
+                           train_records)
 
 CONFIG = "configs/shapes/stage2/rqtransformer.yaml"
 STAGE1 = os.path.join(DATA, "rqvae", "stage1", "model.pt")  # 16x16 images -> 8x8x3 codes, 32 codes
@@ -35,38 +37,32 @@ def test_resume_continues_exactly(tmp_path):
                            total_steps=16)
 
 
-def test_extracted_codes_sharded_over_two_processes_and_ddp_training(tmp_path):
-    data = tmp_path / "images"
-    data.mkdir()
-    from common.data import ShapesDataset
-    from PIL import Image
+def extraction_args(images: str) -> list[str]:
+    """scripts/extract_codes.py on a folder of 16 px images, shards of 12 (tests/two_process_runs.py: 2 processes)."""
+    return ["--tokenizer", STAGE1, "--data-root", images, "--flip", "--shard-size", "12", "--num-workers", "0",
+            "--device", "cpu"]
 
-    shapes = ShapesDataset("train", resolution=16, num_samples=40)
-    for i in range(40):
-        Image.fromarray(shapes.draw(i)).save(data / f"{i:03d}.png")
-    extract = ["scripts/extract_codes.py", "--tokenizer", STAGE1, "--data-root", str(data), "--flip",
-               "--shard-size", "12", "--num-workers", "0", "--device", "cpu"]
-    two = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", *extract,
-                  "--output", str(tmp_path / "codes2"))
-    assert two.returncode == 0, two.stderr
-    one = run_cli(*extract, "--output", str(tmp_path / "codes1"))
-    assert one.returncode == 0, one.stderr
-    a, b = CachedTokens(str(tmp_path / "codes1")), CachedTokens(str(tmp_path / "codes2"))
+
+def ddp_training_args(codes: str) -> list[str]:
+    """Training on the codes, no class dropout: no randomness left, so 2 processes x 4 (tests/two_process_runs.py)
+    equal 1 process x 8."""
+    return ["-m", CONFIG, *TINY, f"codes.train={codes}", "loss.type=cross_entropy", "arch.class_dropout=0.0",
+            "experiment.epochs=1", "--device", "cpu"]
+
+
+def test_extracted_codes_sharded_over_two_processes_and_ddp_training(two_process_runs, tmp_path):
+    extract = extraction_args(str(two_process_runs / "images"))  # 40 shapes
+    extract_codes.main([*extract, "--output", str(tmp_path / "codes")])  # one thread, as each worker
+    a, b = CachedTokens(str(tmp_path / "codes")), CachedTokens(str(two_process_runs / "rq_codes"))
     assert len(a) == 40 and a.tokens.shape == (40, 2, 8, 8, 3)
     assert torch.equal(a.tokens, b.tokens)
-    os.remove(tmp_path / "codes1" / "codes_00001.npz")  # an interrupted run: only the missing shard is redone
-    again = run_cli(*extract, "--output", str(tmp_path / "codes1"))
-    assert again.returncode == 0 and torch.equal(CachedTokens(str(tmp_path / "codes1")).tokens, b.tokens)
+    os.remove(tmp_path / "codes" / "codes_00001.npz")  # an interrupted run: only the missing shard is redone
+    extract_codes.main([*extract, "--output", str(tmp_path / "codes")])
+    assert torch.equal(CachedTokens(str(tmp_path / "codes")).tokens, b.tokens)
 
-    # Training on the codes: 2 processes x 4 equals 1 process x 8 (no class dropout, no randomness left).
-    train = [*TINY, f"codes.train={tmp_path / 'codes1'}", "loss.type=cross_entropy", "arch.class_dropout=0.0",
-             "experiment.epochs=1", "--device", "cpu"]
-    one = run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path / "one"), *train)
-    assert one.returncode == 0, one.stderr
-    two = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542", "main_stage2.py",
-                  "-m", CONFIG, "-r", str(tmp_path / "two"), *train, "experiment.batch_size=4")
-    assert two.returncode == 0, two.stderr
-    x, y = train_records(tmp_path / "one" / "rqtransformer"), train_records(tmp_path / "two" / "rqtransformer")
+    main_stage2.main([*ddp_training_args(str(tmp_path / "codes")), "-r", str(tmp_path / "one")])
+    x = train_records(tmp_path / "one" / "rqtransformer")
+    y = train_records(two_process_runs / "rq_codes_ddp" / "rqtransformer")
     assert len(x) == len(y) == 5
     for r, s in zip(x, y):
         assert r["loss"] == pytest.approx(s["loss"], rel=1e-4)
@@ -82,16 +78,18 @@ def test_official_stage2_checkpoint_as_starting_point(tmp_path):
     assert 0 < results["val"]["val_loss"] < 10
 
 
-def test_bad_input_gives_one_clear_line(tmp_path):
+def test_bad_input_gives_one_clear_line(tmp_path, capsys):
+    # the process itself, once: nothing but the line on stderr
     assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path)), "-v STAGE1")
     # a prior for 8x8x4 codes on a tokenizer of 8x8x3 codes
-    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v", STAGE1),
-                          "block_size", "[8, 8, 3]")
+    line = refused_in_process(capsys, main_stage2.main, ["-m", CONFIG, "-r", str(tmp_path), "-v", STAGE1])
+    assert "block_size" in line and "[8, 8, 3]" in line
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     shutil.copy(STAGE1, lonely / "model.pt")
-    assert_one_line_error(run_cli("main_stage2.py", "-m", CONFIG, "-r", str(tmp_path), "-v",
-                                  str(lonely / "model.pt")), "config.yaml")
+    line = refused_in_process(capsys, main_stage2.main, ["-m", CONFIG, "-r", str(tmp_path), "-v",
+                                                         str(lonely / "model.pt")])
+    assert "config.yaml" in line
 
 
 def test_official_stage2_yaml_trains_with_overrides(tmp_path):

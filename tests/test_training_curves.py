@@ -15,7 +15,6 @@ import main_stage1
 from common.curves import plot_runs, run_curves
 from common.runlog import read_metrics
 from scripts import plot_run
-from tests.test_mar_model import one_thread  # noqa: F401  (autouse: one torch thread, far faster on a busy machine)
 from tests.test_stage1_training import CONFIG, TINY
 
 TWO_EPOCHS = [*TINY, "dataset.num_samples=32", "experiment.epochs=2"]
