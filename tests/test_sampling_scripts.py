@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from rqvae.official import export_official_rqvae, load_official_rqvae
 from rqvae.transformer import RQTransformer
 from rqvae.vqvae import RQVAE
 from scripts import sample
-from tests.helpers import DATA, assert_one_line_error, run_cli
+from tests.helpers import DATA, assert_one_line_error, run_cli, run_in_process
 
 STAGE1 = os.path.join(DATA, "rqvae", "stage1", "model.pt")
 STAGE2 = os.path.join(DATA, "rqvae", "stage2", "model.pt")
@@ -45,17 +44,6 @@ def vectors():
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     return write_random_inception_weights(str(tmp_path_factory.mktemp("inception") / "inception.pth"))
-
-
-def run_in_process(main, argv: list[str], capsys) -> subprocess.CompletedProcess:
-    """Call an entry point's main as its command line would; a UserError exits with status 2."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
 
 def sampled_dir(save_dir) -> str:
