@@ -33,7 +33,7 @@ BANNER = "!" * 24 + " UNDER LOAD: not for recording " + "!" * 24
 
 
 class BusyMachine(UserError):
-    """The load average is above the core count: the numbers would say more about other jobs than about ours."""
+    """The load average is above the limit: the numbers would say more about other jobs than about ours."""
 
 
 def add_protocol_flags(parser: argparse.ArgumentParser, repeats: int = DEFAULT_REPEATS) -> None:
@@ -42,7 +42,8 @@ def add_protocol_flags(parser: argparse.ArgumentParser, repeats: int = DEFAULT_R
                         help="timed runs per implementation and setting, in alternating turns; the median is "
                              f"reported with the min-max spread (default {repeats})")
     parser.add_argument("--allow-busy", action="store_true",
-                        help="measure even when the load average is above the core count, under an "
+                        help="measure even when the load average is above the limit (the core count, or the "
+                             "benchmark's own threads + 0.5 where they fill every core), under an "
                              "'UNDER LOAD: not for recording' banner (for development only)")
 
 
