@@ -13,7 +13,8 @@
 The flags mean what they mean officially and keep their defaults. With `--config`, the YAML is the
 starting point instead of those defaults, and only the flags given change it; either way, dotted
 `key=value` overrides come last. Runs go to --output_dir (our last.pt after every epoch, config.yaml,
-train.log, metrics.jsonl). `--resume DIR` continues our last.pt in DIR, else the official
+train.log, metrics.jsonl). `--resume DIR` continues our last checkpoint in DIR (last.pt, or
+the sharded last.dcp of an `experiment.dcp` run, whichever is newer), else the official
 checkpoint-last.pth in DIR (weights, EMA and, when it has them, the optimizer state and epoch), else
 training starts from scratch, as officially. A last.pt already in --output_dir comes first: a run restarted
 with the same command (torchrun --max-restarts) continues by itself; --fresh starts afresh.
@@ -250,8 +251,9 @@ def train(args: argparse.Namespace, config: Config, source: str, env: dist.DistE
     train_set, val_set = training_sets(args, config, tokenizer)
     resume, load_weights = None, None
     own = None if args.fresh else latest_checkpoint(args.output_dir)
-    path = own or find_checkpoint(args.resume)  # a restarted run continues its own progress before --resume's
-    if path and (path == own or path.endswith(OURS)):
+    given = latest_checkpoint(args.resume) if args.resume else None  # ours in --resume DIR: last.pt or last.dcp
+    path = own or given or find_checkpoint(args.resume)  # a restarted run continues its own progress first
+    if path and path in (own, given):
         resume = path
     elif path:
         obj = load_file(path)

@@ -135,6 +135,14 @@ def test_tiny_mar_learns_on_cached_shapes_latents_and_samples(vae, cache, tmp_pa
     assert len(glob.glob(str(out / "0000*.png"))) == 2
 
 
+def test_resume_dir_continues_a_sharded_checkpoint(vae, cache, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    main_mar.main(cached_run(vae, cache, str(first), "--epochs", "2", "experiment.dcp=true", "experiment.max_steps=4"))
+    assert (first / "last.dcp").is_dir() and not (first / "last.pt").exists()
+    main_mar.main(cached_run(vae, cache, str(second), "--epochs", "2", "--resume", str(first)))
+    assert [r["step"] for r in train_records(second)] == list(range(5, 21))
+
+
 def test_yaml_training_resumes_exactly(vae, tmp_path):
     # main_stage2.py on shapes images encoded on the fly; posterior samples, orders, masks and DiffLoss draws
     # all continue exactly

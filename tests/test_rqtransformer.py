@@ -7,7 +7,6 @@ a tiny random pair: RQ-VAE with 32 codes of dimension 8, codes 8x8x3; RQ-Transfo
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import torch
