@@ -121,7 +121,7 @@ class Protocol:
         return max(float(self.cores), self.own_threads + 0.5)
 
     def check(self, when: str, report: bool = False) -> float:
-        """The load average now (printed when `report`); above the core count a BusyMachine error, or with
+        """The load average now (printed when `report`); above `load_limit` a BusyMachine error, or with
         --allow-busy the banner."""
         load = load_average()
         self.loads.append(load)
@@ -160,8 +160,7 @@ class Protocol:
         self.check("the end", report=True)
         print(f"load average (1 min): {self.loads[0]:.2f} at the start, {self.loads[-1]:.2f} at the end, at most "
               f"{max(self.loads):.2f} over {len(self.loads)} checks (limit {self.load_limit:.2f}); {self.cores} "
-              f"cores; times are the median "
-              f"(min-max) of {self.repeats} runs taken in turns")
+              f"cores; times are the median (min-max) of {self.repeats} runs taken in turns")
         if self.busy:
             print(BANNER, flush=True)
 

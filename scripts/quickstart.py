@@ -44,9 +44,18 @@ METHODS = ("rqvae", "lfq", "npp", "vq16", "mar")
 DEFAULT = ("rqvae", "lfq", "npp")  # vq16 and mar run on request: the default takes the whole 10-minute budget
 CLASSES = 10
 FAST_RUN = ("dataset.num_samples=320", "experiment.epochs=1")  # --fast: a few steps of every stage
-# The default's steps, sized so that all of it (the shapes classifier's first training included) stays under
-# 10 minutes on 2 idle cores; the times per stage are in docs/evaluation.md.
+# The steps of each stage without --fast, sized so that the default methods (the shapes classifier's first training
+# included) take under 10 minutes on 2 idle cores; the times per stage are in docs/evaluation.md.
+# RQ-VAE: twice the steps at half the batch and twice the learning rate of its config, the same images: 73% of
+# the reconstructions keep their class instead of 57%.
+RQVAE_RUN = ("dataset.num_samples=3200", "experiment.epochs=3", "experiment.batch_size=16", "optimizer.init_lr=2.0e-3")
+RQ_PRIOR_RUN = ("dataset.num_samples=1600", "experiment.epochs=3")
+# 50 steps: text-to-image end to end; at 150 its samples were no more on-caption (10%).
+T2I_RUN = ("dataset.num_samples=800", "experiment.epochs=2")
 LFQ_RUN = ("dataset.num_samples=3200", "experiment.epochs=2")
+NPP_RUN = ("dataset.num_samples=3200", "experiment.epochs=3")
+VQ16_RUN = ("dataset.num_samples=3200", "experiment.epochs=3")
+MAR_VAE_RUN = ()  # its config as it is
 
 
 @dataclasses.dataclass
@@ -86,12 +95,12 @@ def shapes_val(fast: bool):
 
 
 def train_and_score_tokenizer(config: str, name: str, out: str, env: dist.DistEnv, scorers: Scorers, fast: bool,
-                              full_run: tuple[str, ...] = ("dataset.num_samples=3200", "experiment.epochs=3")):
+                              full_run: tuple[str, ...]):
     """Train a tiny tokenizer on shapes (`full_run` overrides, or a few steps with `fast`); score and draw its
     reconstructions of the validation shapes."""
     runs = os.path.join(out, "runs")
-    overrides = list(FAST_RUN if fast else full_run)
-    main_stage1.main(["-m", config, "-r", runs, "--fresh", "--device", str(env.device), *overrides])
+    main_stage1.main(["-m", config, "-r", runs, "--fresh", "--device", str(env.device),
+                      *(FAST_RUN if fast else full_run)])
     checkpoint = os.path.join(runs, name, "last.pt")
     tokenizer, _ = load_tokenizer(checkpoint)
     tokenizer = tokenizer.to(env.device)
@@ -118,16 +127,18 @@ def run_lfq(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
 
 def run_vq16(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     """LlamaGen's VQ-16 tokenizer (l2-normalised 256-code book, 8x8 codes) trained with LlamaGen's losses."""
-    _, _, _, scores = train_and_score_tokenizer("configs/shapes/stage1/vq16.yaml", "vq16", out, env, scorers, fast)
+    _, _, _, scores = train_and_score_tokenizer("configs/shapes/stage1/vq16.yaml", "vq16", out, env, scorers, fast,
+                                                VQ16_RUN)
     return {"stage1_reconstruction": scores, "samples": {},
             "files": {"reconstructions": "reconstructions.png", "runs": "runs/"}}
 
 
 def train_prior_and_sample(config: str, name: str, stage1: str, tokenizer, val, out: str, env: dist.DistEnv,
-                           scorers, fast: bool, overrides: list[str], knobs: dict) -> dict:
+                           scorers, fast: bool, full_run: tuple[str, ...], knobs: dict) -> dict:
     """Train a tiny class-conditional prior on a tokenizer's tokens, then sample it (`sample_and_score`)."""
     runs = os.path.join(out, "runs")
-    main_stage2.main(["-m", config, "-r", runs, "-v", stage1, "--fresh", "--device", str(env.device), *overrides])
+    main_stage2.main(["-m", config, "-r", runs, "-v", stage1, "--fresh", "--device", str(env.device),
+                      *(FAST_RUN if fast else full_run)])
     return sample_and_score(os.path.join(runs, name, "last.pt"), tokenizer, val, out, env, scorers, fast, knobs)
 
 
@@ -157,31 +168,23 @@ def sample_and_score(checkpoint: str, tokenizer, val, out: str, env: dist.DistEn
 
 def run_rqvae(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     """RQ-VAE on shapes, then the class-conditional RQ-Transformer on its codes, then samples."""
-    # Twice the steps at half the batch and twice the learning rate, the same images: 73% of the reconstructions
-    # keep their class instead of 57% (docs/evaluation.md).
-    stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer(
-        "configs/shapes/stage1/rqvae.yaml", "rqvae", out, env, scorers, fast,
-        full_run=("dataset.num_samples=3200", "experiment.epochs=3", "experiment.batch_size=16",
-                  "optimizer.init_lr=2.0e-3"))
-    overrides = list(FAST_RUN if fast else ("dataset.num_samples=1600", "experiment.epochs=3"))
+    stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/rqvae.yaml", "rqvae",
+                                                                      out, env, scorers, fast, RQVAE_RUN)
     sample_scores = train_prior_and_sample("configs/shapes/stage2/rqtransformer.yaml", "rqtransformer", stage1,
-                                           tokenizer, val, out, env, scorers, fast, overrides, {"top_k": 16})
-    # 50 steps: it shows text-to-image end to end; at 150 its samples were no more on-caption (10%).
-    t2i_overrides = list(FAST_RUN if fast else ("dataset.num_samples=800", "experiment.epochs=2"))
-    sample_scores["txt2img"] = train_and_sample_txt2img(stage1, out, env, scorers, fast, t2i_overrides)
+                                           tokenizer, val, out, env, scorers, fast, RQ_PRIOR_RUN, {"top_k": 16})
+    sample_scores["txt2img"] = train_and_sample_txt2img(stage1, out, env, scorers, fast)
     return {"stage1_reconstruction": stage1_scores, "samples": sample_scores,
             "files": {"reconstructions": "reconstructions.png", "samples": ["samples_cfg1.png", "samples_cfg3.png"],
                       "txt2img": "samples_txt2img.png", "runs": "runs/"}}
 
 
-def train_and_sample_txt2img(stage1: str, out: str, env: dist.DistEnv, scorers, fast: bool,
-                             overrides: list[str]) -> dict:
+def train_and_sample_txt2img(stage1: str, out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     """The text-conditioned RQ-Transformer on captioned shapes ("a red star on a blue background, top left"),
     sampled with main_sampling_txt2img.py from the captions of the validation shapes; the shapes classifier
     checks that the image shows the shape its caption names."""
     runs = os.path.join(out, "runs")
     main_stage2.main(["-m", "configs/shapes/stage2/rqtransformer-t2i.yaml", "-r", runs, "-v", stage1, "--fresh",
-                      "--device", str(env.device), *overrides])
+                      "--device", str(env.device), *(FAST_RUN if fast else T2I_RUN)])
     val = CaptionedShapesDataset("val", resolution=32, num_samples=20 if fast else 200)
     prompts = os.path.join(out, "prompts.txt")
     with open(prompts, "w") as f:
@@ -208,9 +211,8 @@ def run_npp(out: str, env: dist.DistEnv, scorers, fast: bool, lfq_out: str | Non
         stage1 = os.path.join(lfq_out, "runs", "lfq", "last.pt")
         tokenizer = load_tokenizer(stage1)[0].to(env.device)
         val = shapes_val(fast)
-    overrides = list(FAST_RUN if fast else ("dataset.num_samples=3200", "experiment.epochs=3"))
     sample_scores = train_prior_and_sample("configs/shapes/stage2/npp-gpt.yaml", "npp-gpt", stage1, tokenizer, val,
-                                           out, env, scorers, fast, overrides, {"top_k": 100})
+                                           out, env, scorers, fast, NPP_RUN, {"top_k": 100})
     return {"tokenizer": stage1, "samples": sample_scores,
             "files": {"samples": ["samples_cfg1.png", "samples_cfg3.png"], "runs": "runs/"}}
 
@@ -219,7 +221,7 @@ def run_mar(out: str, env: dist.DistEnv, scorers, fast: bool) -> dict:
     """MAR: the tiny KL VAE on shapes, its latents cached in the official layout (main_cache.py), the tiny
     MAR trained on the cache with main_mar.py, then samples (8 autoregressive steps)."""
     stage1, tokenizer, val, stage1_scores = train_and_score_tokenizer("configs/shapes/stage1/kl-vae.yaml", "kl-vae",
-                                                                      out, env, scorers, fast, full_run=())
+                                                                      out, env, scorers, fast, MAR_VAE_RUN)
     cache, run = os.path.join(out, "cache"), os.path.join(out, "runs", "mar")
     shutil.rmtree(cache, ignore_errors=True)  # the cache skips existing files: latents of an earlier VAE would stay
     main_cache.main(["--dataset", "shapes", "--num_images", "320" if fast else "2000", "--img_size", "32",

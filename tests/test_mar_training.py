@@ -292,24 +292,24 @@ def test_evaluate_without_inception_weights_still_writes_the_images(official_set
 
 
 def test_bad_input_gives_one_clear_line(official_setup, tmp_path, capsys):
-    refused = functools.partial(run_in_process, main_mar.main)
+    run_mar = functools.partial(run_in_process, main_mar.main)
     base = ["--output_dir", str(tmp_path), "--vae_path", official_setup["vae"], "--num_images", "12", *OFFICIAL_FLAGS]
-    assert_one_line_error(refused([*base, "--evaluate", "--resume", str(tmp_path)], capsys), "--evaluate",
+    assert_one_line_error(run_mar([*base, "--evaluate", "--resume", str(tmp_path)], capsys), "--evaluate",
                           "checkpoint-last.pth")
-    assert_one_line_error(refused([*base, "--evaluate", "--resume", official_setup["run"], "--num_images", "10"],
+    assert_one_line_error(run_mar([*base, "--evaluate", "--resume", official_setup["run"], "--num_images", "10"],
                                   capsys), "--num_images 10", "--class_num 12")
-    assert_one_line_error(refused([*base, "--cfg_schedule", "cosine"], capsys), "--cfg_schedule", "cosine")
-    assert_one_line_error(refused([*base, "--evaluate", "--resume", official_setup["run"], "--vae_embed_dim", "16"],
+    assert_one_line_error(run_mar([*base, "--cfg_schedule", "cosine"], capsys), "--cfg_schedule", "cosine")
+    assert_one_line_error(run_mar([*base, "--evaluate", "--resume", official_setup["run"], "--vae_embed_dim", "16"],
                                   capsys), "--vae_embed_dim", "16", "8")
-    assert_one_line_error(refused([*base, "--use_cached"], capsys), "--use_cached", "--cached_path")
+    assert_one_line_error(run_mar([*base, "--use_cached"], capsys), "--use_cached", "--cached_path")
     for flag, key in (("--batch_size", "experiment.batch_size"), ("--diffloss_w", "arch.diffloss_w"),
                       ("--diffusion_batch_mul", "arch.diffusion_batch_mul")):
-        assert_one_line_error(refused([*base, flag, "0"], capsys), key, "at least 1")
-    assert_one_line_error(refused([*base, "--label_drop_prob", "-0.1"], capsys), "arch.label_drop_prob", "at least 0")
+        assert_one_line_error(run_mar([*base, flag, "0"], capsys), key, "at least 1")
+    assert_one_line_error(run_mar([*base, "--label_drop_prob", "-0.1"], capsys), "arch.label_drop_prob", "at least 0")
     (tmp_path / "blocker").write_text("a file")
     run = ["--output_dir", str(tmp_path / "blocker" / "run"), *base[2:], "--use_cached", "--cached_path",
            official_setup["cache"]]
-    assert_one_line_error(refused(run, capsys), "--output_dir", "blocker, which is a file")
+    assert_one_line_error(run_mar(run, capsys), "--output_dir", "blocker, which is a file")
     assert sorted(os.listdir(tmp_path)) == ["blocker"]
     # the process itself, once: nothing but the line on stderr
     assert_one_line_error(run_cli("main_mar.py", *base, "--cfg_schedule", "cosine"), "--cfg_schedule")
