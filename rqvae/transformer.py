@@ -29,6 +29,7 @@ from common.attention import KVCache, causal_attention, merge_heads, split_heads
 from common.config import validate
 from common.errors import CheckpointError, ConfigError, DataError
 from common.knobs import token_folder_name, token_knobs
+from common.layers import WideLinear
 from common.sampling import KnobValue, cfg_mix, check_sampling_knobs, per_depth, sample_from_logits
 from rqvae.schema import RQTRANSFORMER_ARCH
 
@@ -140,7 +141,7 @@ class Classifier(nn.Module):
     def __init__(self, embed_dim: int, vocab_size: int, depth: int, shared: bool):
         super().__init__()
         self.layer_norm = nn.LayerNorm(embed_dim)
-        self.linear = nn.Linear(embed_dim, vocab_size) if shared else DepthLinear(depth, embed_dim, vocab_size)
+        self.linear = WideLinear(embed_dim, vocab_size) if shared else DepthLinear(depth, embed_dim, vocab_size)
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """x (..., D, C) -> (..., D, V); with `depth`, x (..., C) of that depth -> (..., V)."""
