@@ -106,6 +106,18 @@ def session(device: str = "auto") -> Iterator[DistEnv]:
         cleanup()
 
 
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Torch's CPU thread count set to `threads` (None: left as it is) inside, restored after."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from common.config import Field, parse_overrides, validate
-from common.dist import resolve_device
+from common.config import Config, Field, parse_overrides, validate
+from common.dist import intra_op_threads, resolve_device
 from common.errors import ConfigError, cli_entry
 from measure_throughput.presets import PRIORS, TOKENIZERS, prior_arch, tokenizer_arch
 from rqvae.transformer import RQTransformer
@@ -125,8 +125,12 @@ def run_loop(tokenizer: RQVAE, prior: RQTransformer, args, device: torch.device)
 @cli_entry
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with intra_op_threads(args.threads):
+        return measure(args)
+
+
+def measure(args: Config) -> dict[str, float]:
+    """Time the sampling loops of the preset `args` describes; prints the table and returns the means."""
     device = resolve_device(args.device)
     tokenizer, prior = build_models(args, device)
 

@@ -192,8 +192,10 @@ def test_sharded_sampling_on_two_processes_equals_one_process(two_process_runs, 
 # ----------------------------------------------------------------------------------------------
 
 def test_measure_throughput_smoke_run(capsys):
+    threads = torch.get_num_threads()
     timings = measure_throughput(["f=32", "d=2", "c=64", "model=tiny", "batch_size=2", "n_loop=2", "warmup=1",
-                                  "samples_per_loop=2", "device=cpu", "ch=32"])
+                                  "samples_per_loop=2", "device=cpu", "ch=32", f"threads={threads + 1}"])
+    assert torch.get_num_threads() == threads  # the benchmark's thread count does not outlive it
     assert set(timings) == {"ms_per_sample", "ms_per_sample_ar", "ms_per_sample_decode"}
     assert timings["ms_per_sample_ar"] > 0 and timings["ms_per_sample_decode"] > 0
     out = capsys.readouterr().out

@@ -17,6 +17,7 @@ from torch import nn
 
 from common.checkpoint import load_checkpoint, strict_load
 from common.data import ShapesDataset, to_uint8
+from common.dist import intra_op_threads
 from common.errors import CheckpointError, DataError
 from common.paths import CACHE_ENV, default_cache_dir  # noqa: F401 (the cache is shared; its names stay importable here)
 
@@ -150,13 +151,9 @@ def with_noise(batch: torch.Tensor, labels: torch.Tensor, generator: torch.Gener
 def train_classifier(recipe: ClassifierRecipe = RECIPE) -> dict:
     """Train on the shapes train split and score on the val split, on the CPU in one thread. Returns the file's
     payload: recipe, weights, val accuracy, val features and the training time."""
-    threads = torch.get_num_threads()
     # One thread: the same weights whatever the core count, and no threads spinning on a busy machine.
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         return train_in_this_thread(recipe)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train_in_this_thread(recipe: ClassifierRecipe) -> dict:
