@@ -178,8 +178,9 @@ BLOCKED_FROM = 4096  # fewer output features than this run as one product: block
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), computed in blocks of OUTPUT_BLOCK output features where that is faster
     and bitwise the same: fp32 on the CPU, without autograd (whose gradient sums would round otherwise)."""
-    measured = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-    if not measured or torch.is_autocast_enabled("cpu") or torch.is_grad_enabled() or weight.shape[0] < BLOCKED_FROM:
+    fp32_on_cpu = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    sampling = not (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"))
+    if not (fp32_on_cpu and sampling and weight.shape[0] >= BLOCKED_FROM):
         return F.linear(x, weight, bias)
     weights = weight.split(OUTPUT_BLOCK)
     biases = bias.split(OUTPUT_BLOCK) if bias is not None else [None] * len(weights)

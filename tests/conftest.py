@@ -5,8 +5,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import torch
 
+from common.dist import intra_op_threads
 from tests.helpers import run_cli, write_learnable_codes, write_shapes_images
 
 
@@ -16,10 +16,8 @@ def one_torch_thread() -> Iterator[None]:
     The tests' models are tiny: threads gain nothing on them, and on a busy machine their hand-offs cost many times
     the maths. With equal thread counts, this process also computes bit for bit what a torchrun worker computes,
     which the comparisons of one process with two rely on."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

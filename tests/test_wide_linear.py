@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from common import layers
 from common.layers import WideLinear, blocked_linear
 from npp.gpt import GPT
-from rqvae.transformer import RQTransformer
+from tests.test_rqtransformer import tiny_prior
 
 
 @pytest.mark.parametrize("rows", [1, 4, 8, 32, 100])
@@ -45,13 +45,7 @@ def gpt_codes(vocab_size: int) -> torch.Tensor:
 
 
 def rq_codes(vocab_size: int) -> torch.Tensor:
-    torch.manual_seed(0)
-    model = RQTransformer.from_config({
-        "type": "rq-transformer", "vocab_size": vocab_size, "block_size": [2, 2, 2], "embed_dim": 16,
-        "input_embed_dim": 8, "vocab_size_cond": 3, "block_size_cond": 1, "input_emb_vqvae": True,
-        "head_emb_vqvae": True, "cumsum_depth_ctx": True, "shared_tok_emb": True, "shared_cls_emb": True,
-        "body": {"n_layer": 1, "block": {"n_head": 2}}, "head": {"n_layer": 1, "block": {"n_head": 2}}}).eval()
-    model.codebook.normal_()
+    model = tiny_prior(vocab_size=vocab_size, block_size=[2, 2, 2])
     torch.nn.init.normal_(model.classifier.linear.weight, std=0.5)
     return model.generate(torch.tensor([0, 1, 2]), top_k=50, generator=torch.Generator().manual_seed(1))
 
