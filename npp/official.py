@@ -15,6 +15,7 @@ weights; the heads from the released model name (head size 64) or the caller; th
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Mapping
 
@@ -26,6 +27,7 @@ from common.errors import CheckpointError, ConfigError
 from npp.gpt import GPT
 from npp.schema import GPT_PRESETS, VQ_CONFIG
 from npp.stage1 import STAGE1_SCHEMA
+from npp.stage2 import square_grid
 from npp.vq import VQTokenizer
 
 SIGNATURE = ("quantize.embedding.weight", "encoder.conv_blocks.0.res.0.conv1.weight")
@@ -97,9 +99,10 @@ def gpt_arch_from_state(state: Mapping[str, torch.Tensor], source: str, args: An
                         n_head: int | None = None, image_tokens: int | None = None) -> dict[str, Any]:
     """The `arch` section (npp/schema.py) of the GPT whose weights these are."""
     vocab_size, dim = state["tok_embeddings.weight"].shape
+    n_layer = _count(state, "layers.{}.attention.wqkv.weight")
     model_name = getattr(args, "gpt_model", None)
     if n_head is None:
-        n_head = GPT_PRESETS[model_name]["n_head"] if model_name in GPT_PRESETS else dim // 64
+        n_head = released_heads(dim, n_layer, model_name)
     if n_head < 1 or "layers.0.feed_forward.w1.weight" not in state:
         raise CheckpointError(f"{source}: cannot tell the GPT's shape from this file (width {dim}, model "
                               f"{model_name!r}); give its number of attention heads (n_head=)")
@@ -107,12 +110,21 @@ def gpt_arch_from_state(state: Mapping[str, torch.Tensor], source: str, args: An
         size, downsample = getattr(args, "image_size", 256), getattr(args, "downsample_size", 16)
         image_tokens = (size // downsample) ** 2
     return {
-        "type": "llamagen-gpt", "dim": dim, "n_head": n_head, "vocab_size": vocab_size,
-        "n_layer": _count(state, "layers.{}.attention.wqkv.weight"),
+        "type": "llamagen-gpt", "dim": dim, "n_head": n_head, "vocab_size": vocab_size, "n_layer": n_layer,
         "ffn_hidden": state["layers.0.feed_forward.w1.weight"].shape[0],
         "num_classes": state["cls_embedding.embedding_table.weight"].shape[0] - 1,
         "image_tokens": image_tokens,
     }
+
+
+def released_heads(dim: int, n_layer: int, model_name: str | None) -> int:
+    """The attention heads of a released GPT: its preset by the name in `args`, else the preset of this width and
+    depth (files saved by FSDP carry no `args`; GPT-3B's heads are 100 wide), else heads of 64."""
+    if model_name in GPT_PRESETS:
+        return GPT_PRESETS[model_name]["n_head"]
+    same_shape = [preset["n_head"] for preset in GPT_PRESETS.values()
+                  if (preset["dim"], preset["n_layer"]) == (dim, n_layer)]
+    return same_shape[0] if same_shape else dim // 64
 
 
 def build_official_gpt(obj: Any, source: str, use_ema: bool = True, n_head: int | None = None,
@@ -181,8 +193,31 @@ def official_prior(obj: Any, path: str, tokenizer: Any, use_ema: bool, config_pa
     if official_gpt_state(obj) is None:
         return None
     ema = use_ema and isinstance(obj.get("ema"), Mapping)
-    prior, arch = build_official_gpt(obj, path, ema)
+    grid = square_grid(tokenizer)
+    # The official sampler builds the GPT and the VQ at one --image-size: a file without `args` (saved by FSDP)
+    # gets the tokenizer's grid, and a grid that differs from the tokenizer's is refused below.
+    image_tokens = grid[0] ** 2 if grid is not None and obj.get("args") is None else None
+    prior, arch = build_official_gpt(obj, path, ema, image_tokens=image_tokens)
+    check_released_size(prior, path, tokenizer, grid)
     return prior, {"arch": arch}, {"ema": ema}
+
+
+RELEASED_NAME = re.compile(r"^c2i_\w+?_(\d+)\.pt$")  # LlamaGen's and NPP's: c2i_3B_384.pt, trained at 384 px
+
+
+def check_released_size(prior: GPT, path: str, tokenizer: Any, grid: tuple[int, int] | None) -> None:
+    """Refuse a GPT whose code grid (from its `args`, or the image size its released name states) is not the
+    tokenizer's: its rotary positions would be another grid's."""
+    if grid is None:
+        return  # not a grid of codes at all: check_tokenizer says why
+    named = RELEASED_NAME.match(os.path.basename(path))
+    side = int(named.group(1)) // tokenizer.downsample_factor if named else prior.grid
+    if side != prior.grid or side != grid[0]:
+        size = side * tokenizer.downsample_factor
+        raise CheckpointError(
+            f"{path}: a GPT of {side}x{side} codes ({size} px) and the tokenizer (-v) makes {grid[0]}x{grid[1]} codes; "
+            f"give the tokenizer at {size} px, as LlamaGen's --image-size {size}: --config with arch.image_size: "
+            f"{size} (configs/imagenet/stage1/llamagen-vq16-384.yaml for 384)")
 
 
 def official_prior_weights(obj: Any, path: str, model: GPT) -> dict[str, torch.Tensor] | None:

@@ -34,7 +34,7 @@ GPT_ARCH = {
     "type": Field(str, "llamagen-gpt", choices=("llamagen-gpt",), doc="model family"),
     "dim": Field(int, doc="width", minimum=1),
     "n_layer": Field(int, minimum=1),
-    "n_head": Field(int, doc="attention heads (head_dim = dim / n_head; 64 in every released model)", minimum=1),
+    "n_head": Field(int, doc="attention heads (head_dim = dim / n_head; 64, 100 in GPT-3B)", minimum=1),
     "multiple_of": Field(int, 256, minimum=1,
                          doc="the SwiGLU hidden size is 8 dim / 3 rounded up to a multiple of this"),
     "ffn_hidden": Field(int, None, doc="SwiGLU hidden size; null: from multiple_of", minimum=1),
@@ -51,9 +51,13 @@ GPT_ARCH = {
     "class_dropout_prob": Field(float, 0.1, doc="labels replaced by the null class in training"),
 }
 
-GPT_PRESETS = {  # LlamaGen's GPT_models (head_dim 64)
+GPT_PRESETS = {  # LlamaGen's GPT_models: head_dim 64, but 100 in GPT-3B and 128 in GPT-7B
     "GPT-B": {"dim": 768, "n_layer": 12, "n_head": 12},
     "GPT-L": {"dim": 1024, "n_layer": 24, "n_head": 16},
     "GPT-XL": {"dim": 1280, "n_layer": 36, "n_head": 20},
     "GPT-XXL": {"dim": 1536, "n_layer": 48, "n_head": 24},
+    "GPT-XXXL": {"dim": 2560, "n_layer": 48, "n_head": 40},
+    "GPT-1B": {"dim": 2048, "n_layer": 22, "n_head": 32},
+    "GPT-3B": {"dim": 3200, "n_layer": 24, "n_head": 32},
+    "GPT-7B": {"dim": 4096, "n_layer": 32, "n_head": 32},
 }

@@ -6,11 +6,13 @@ NPP training script after 8 steps (`{"model", "optimizer", "steps", "args"}`).
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.testing import assert_close
 
@@ -19,11 +21,12 @@ from common.checkpoint import load_file
 from common.errors import CheckpointError, ConfigError, DataError
 from common.rope import rope_2d_table
 from common.sampling import sampling_probs
-from methods import load_tokenizer
+from methods import load_prior, load_tokenizer
 from npp.gpt import GPT, average_patches, patch_targets
-from npp.official import load_official_gpt
+from npp.official import gpt_arch_from_state, load_official_gpt, official_vq_state, vq_arch_from_state
 from npp.schema import GPT_PRESETS
-from tests.helpers import DATA
+from scripts import sample as sample_script
+from tests.helpers import DATA, refused_in_process
 
 NPP_DATA = os.path.join(DATA, "npp")
 CKPT = os.path.join(NPP_DATA, "gpt_tiny_c2i.pt")
@@ -127,7 +130,9 @@ def test_units_rope_patches_and_filters():
 
 
 @pytest.mark.parametrize("name, parameters", [("GPT-B", 110_888_448), ("GPT-L", 342_910_976),
-                                              ("GPT-XL", 774_699_520), ("GPT-XXL", 1_410_972_672)])
+                                              ("GPT-XL", 774_699_520), ("GPT-XXL", 1_410_972_672),
+                                              ("GPT-XXXL", 3_893_027_840), ("GPT-1B", 1_199_616_000),
+                                              ("GPT-3B", 3_096_659_200), ("GPT-7B", 6_614_589_440)])
 def test_presets_build_the_released_sizes(name, parameters):
     with torch.device("meta"):
         model = GPT.from_config({"type": "llamagen-gpt", "vocab_size": 16384, "image_tokens": 256, **GPT_PRESETS[name]})
@@ -137,6 +142,62 @@ def test_presets_build_the_released_sizes(name, parameters):
                    for k, v in model.state_dict().items()]
         with open(os.path.join(NPP_DATA, "llamagen_gpt_B.txt")) as f:
             assert sorted(listing) == sorted(f.read().splitlines())
+
+
+@pytest.mark.parametrize("dim, n_layer, n_head", [(768, 12, 12), (1536, 48, 24), (3200, 24, 32), (4096, 32, 32),
+                                                  (512, 8, 8)])
+def test_heads_of_a_file_without_args_come_from_the_preset_of_its_shape(dim, n_layer, n_head):
+    """FSDP-saved releases (c2i_XXL_384.pt, c2i_3B_384.pt) are bare state dicts: GPT-3B's heads are 100 wide,
+    GPT-7B's 128; a width no preset has gets heads of 64."""
+    def weight(*shape):
+        return torch.empty(shape, device="meta")
+    state = {"tok_embeddings.weight": weight(16384, dim), "cls_embedding.embedding_table.weight": weight(1001, dim),
+             "output.weight": weight(16384, dim), "layers.0.feed_forward.w1.weight": weight(4 * dim, dim),
+             **{f"layers.{i}.attention.wqkv.weight": weight(3 * dim, dim) for i in range(n_layer)}}
+    arch = gpt_arch_from_state(state, "c2i.pt")
+    assert (arch["dim"], arch["n_layer"], arch["n_head"]) == (dim, n_layer, n_head)
+
+
+def tiny_vq_at(tmp_path, size: int):
+    """The tiny VQ (downsampling 2) built for `size` px images through a config, as --config gives it."""
+    state = official_vq_state(load_file(os.path.join(NPP_DATA, "vq_tiny.pt")))
+    config = tmp_path / f"vq_{size}.yaml"
+    config.write_text(yaml.safe_dump({"dataset": {"type": "imagenet", "resolution": size},
+                                      "arch": vq_arch_from_state(state, "vq_tiny.pt", image_size=size)}))
+    return load_tokenizer(os.path.join(NPP_DATA, "vq_tiny.pt"), str(config))[0], str(config)
+
+
+def test_official_gpt_without_args_takes_the_tokenizers_grid_and_its_released_size_is_checked(tmp_path, capsys):
+    """As the official sampler builds the GPT and the VQ at one --image-size: a file without `args` gets the
+    tokenizer's grid; a grid other than the tokenizer's (from `args`, or the size a released name states) is
+    refused in one line."""
+    torch.manual_seed(0)
+    state = GPT(dim=64, n_layer=2, n_head=1, vocab_size=128, num_classes=12, image_tokens=16).state_dict()
+    torch.save(state, tmp_path / "c2i_tiny.pt")
+    torch.save(state, tmp_path / "c2i_T_48.pt")  # LlamaGen's naming: trained at 48 px, 24x24 codes
+    torch.save({"model": state, "args": argparse.Namespace(image_size=24, downsample_size=2)}, tmp_path / "args.pt")
+    vq24, _ = tiny_vq_at(tmp_path, 24)
+    vq48, config48 = tiny_vq_at(tmp_path, 48)
+    assert load_prior(str(tmp_path / "c2i_tiny.pt"), vq24)[0].grid == 12
+    assert load_prior(str(tmp_path / "c2i_tiny.pt"), vq48)[0].grid == 24
+    assert load_prior(str(tmp_path / "c2i_T_48.pt"), vq48)[0].grid == 24
+    assert load_prior(str(tmp_path / "args.pt"), vq24)[0].grid == 12
+    with pytest.raises(CheckpointError, match=r"c2i_T_48.pt: a GPT of 24x24 codes \(48 px\) and the tokenizer \(-v\) "
+                                              r"makes 12x12 codes; give the tokenizer at 48 px, as LlamaGen's "
+                                              r"--image-size 48: --config with arch.image_size: 48"):
+        load_prior(str(tmp_path / "c2i_T_48.pt"), vq24)
+    with pytest.raises(CheckpointError, match=r"a GPT of 12x12 codes \(24 px\) and the tokenizer \(-v\) makes 24x24"):
+        load_prior(str(tmp_path / "args.pt"), vq48)
+    line = refused_in_process(capsys, sample_script.main, [
+        "-v", os.path.join(NPP_DATA, "vq_tiny.pt"), "-a", str(tmp_path / "c2i_T_48.pt"), "--classes", "1",
+        "--output", str(tmp_path / "samples")])
+    assert line.startswith("CheckpointError: ") and "give the tokenizer at 48 px" in line
+    assert not os.path.exists(tmp_path / "samples")
+    sample_script.main(["-v", os.path.join(NPP_DATA, "vq_tiny.pt"), "--config", config48, "-a",
+                        str(tmp_path / "c2i_T_48.pt"), "--classes", "1", "--top-k", "1", "--output",
+                        str(tmp_path / "samples")])
+    assert np.load(tmp_path / "samples" / "codes.npy").shape == (1, 24, 24)
+    assert Image.open(tmp_path / "samples" / "00000.png").size == (48, 48)
 
 
 def test_training_step_learns_and_drops_classes():
