@@ -122,7 +122,7 @@ def sample_and_save(args: argparse.Namespace, env: dist.DistEnv, sampler: Sample
                     out_dir: str, accumulator: InceptionAccumulator | None) -> float:
     """Every rank samples its batches (and their Inception features); rank 0 gathers and writes the images.
     Returns the seconds it took."""
-    size = sampler.tokenizer.image_size
+    size = sampler.image_size
     writer = (NpzImageWriter(os.path.join(out_dir, "samples.npz"), labels.numpy(), size, size) if env.is_main
               else contextlib.nullcontext())
     start = time.perf_counter()
@@ -166,7 +166,8 @@ def run(args: argparse.Namespace, assignments: list[str], env: dist.DistEnv) -> 
     if not env.is_main:
         return None
     results.update(num_images=args.n_samples, seed=args.seed, stage1=args.model_vqvae_path,
-                   stage2=args.model_ar_path, ema=sampler.use_ema, **sampler.knobs, batch_size=args.batch_size,
+                   stage2=args.model_ar_path, ema=sampler.use_ema, **sampler.knobs, image_size=sampler.image_size,
+                   batch_size=args.batch_size,
                    world_size=env.world_size, sampling_seconds=round(seconds, 3),
                    images_per_second=round(args.n_samples / seconds, 3), out_dir=out_dir)
     write_atomic(os.path.join(out_dir, "metrics.json"), lambda handle: handle.write(

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist
@@ -45,6 +46,9 @@ def sampling_parser(description: str, knob_schemas: Iterable[Mapping[str, Knob]]
     parser.add_argument("--device", default="auto", help="auto (cuda > cpu), cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the prior's arithmetic: auto = bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--image-size-eval", type=int, default=None, metavar="N",
+                        help="LlamaGen's flag: resize the decoded images to N x N (bicubic) before they are saved and "
+                             "scored (its 384 px models are evaluated at 256)")
     parser.add_argument("--text-tokenizer", default=None, metavar="DIR",
                         help="text priors of official releases: the folder holding the released vocabulary files "
                              "(bpe-16k-vocab.json, bpe-16k-merges.txt; default: torch's hub cache)")
@@ -84,6 +88,12 @@ class Sampler:
     use_ema: bool
     device: torch.device
     autocast_dtype: torch.dtype | None
+    eval_size: int | None = None  # images resized to this side after decoding (LlamaGen's --image-size-eval)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images `generate` returns."""
+        return self.eval_size or self.tokenizer.image_size
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, seed: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +104,10 @@ class Sampler:
                     else contextlib.nullcontext())
         with autocast:
             tokens = self.prior.generate(labels.to(self.device), generator=generator, **self.knobs)
-        return tokens, self.tokenizer.decode_tokens(tokens.float() if tokens.is_floating_point() else tokens
-                                                    ).float().clamp(-1, 1)
+        images = self.tokenizer.decode_tokens(tokens.float() if tokens.is_floating_point() else tokens).float()
+        if self.eval_size and images.shape[-1] != self.eval_size:  # as LlamaGen: the decoded values, then clamped
+            images = F.interpolate(images, size=(self.eval_size, self.eval_size), mode="bicubic")
+        return tokens, images.clamp(-1, 1)
 
     def folder_name(self) -> str:
         """The knobs as a result-folder name, in the prior's own convention."""
@@ -114,6 +126,8 @@ def build_sampler(args: argparse.Namespace, assignments: Iterable[str], device: 
         raise ConfigError(f"-bs/--batch-size must be at least 1, got {args.batch_size}")
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    if args.image_size_eval is not None and args.image_size_eval < 1:
+        raise ConfigError(f"--image-size-eval must be a positive image side, got {args.image_size_eval}")
     knobs = resolve_knobs(prior.SAMPLING_KNOBS, given_knobs(args, assignments), defaults,
                           getattr(prior, "code_depth", 1), f"{source} ({type(prior).__name__})")
     guidance = next((name for name in ("cfg_scale", "cfg") if name in knobs), None)
@@ -122,7 +136,7 @@ def build_sampler(args: argparse.Namespace, assignments: Iterable[str], device: 
                           "(arch.cfg_null_class); use --cfg 1")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     return Sampler(tokenizer.to(device), prior.to(device), knobs, bool(defaults.get("ema")), device,
-                   torch.bfloat16 if bf16 else None)
+                   torch.bfloat16 if bf16 else None, args.image_size_eval)
 
 
 def sample_in_shards(sampler: Sampler, labels: torch.Tensor, batch_size: int, seed: int, env: dist.DistEnv

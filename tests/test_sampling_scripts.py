@@ -11,12 +11,13 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import main_sampling_fid
 from common.checkpoint import save_checkpoint
 from common.config import read_yaml
-from common.data import derive_seed
+from common.data import derive_seed, to_uint8
 from common.errors import CheckpointError
 from common.metrics import FIDStatistics, load_statistics, write_random_inception_weights
 from common.metrics.images import NpzImages
@@ -177,6 +178,25 @@ def test_main_sampling_fid_saves_pngs_adm_npz_and_scores(tmp_path, inception_wei
     assert np.array_equal(np.stack([np.asarray(Image.open(first / f"{i:05d}.png")) for i in range(8)]), arr[:8])
 
 
+def test_image_size_eval_resizes_the_decoded_samples_before_they_are_saved(tmp_path):
+    """LlamaGen's --image-size-eval: the decoded values resized (bicubic), then clamped and quantised."""
+    main_sampling_fid.main([*MODELS, "-n", "16", "-bs", "8", "--save-dir", str(tmp_path / "runs"), "--no-stats-saving",
+                            "--image-size-eval", "24"])
+    out = sampled_dir(tmp_path / "runs")
+    with np.load(os.path.join(out, "samples.npz")) as npz:
+        arr = npz["arr_0"]
+    assert arr.shape == (16, 24, 24, 3) and read_yaml(os.path.join(out, "metrics.json"))["image_size"] == 24
+    assert np.array_equal(np.asarray(Image.open(os.path.join(out, "samples", "00003.png"))), arr[3])
+    args, assignments = parse_sampling_args(sampling_parser("", sampling_knob_schemas()), MODELS)
+    sampler = load_sampler(args, assignments, torch.device("cpu"))
+    codes, _ = sampler.generate(torch.arange(8), seed=0, batch_index=0)
+    decoded = sampler.tokenizer.decode_tokens(codes).float()
+    expected = to_uint8(F.interpolate(decoded, size=(24, 24), mode="bicubic").clamp(-1, 1))
+    assert np.array_equal(arr[:8], expected.numpy())
+    assert not np.array_equal(arr[:8], to_uint8(F.interpolate(decoded.clamp(-1, 1), size=(24, 24),
+                                                               mode="bicubic").clamp(-1, 1)).numpy())
+
+
 def test_sharded_sampling_on_two_processes_equals_one_process(two_process_runs, tmp_path):
     main_sampling_fid.main([*SHARDED_SAMPLING, "--save-dir", str(tmp_path / "one")])  # one thread, as each worker
     two = two_process_runs / "sampled"
@@ -221,6 +241,8 @@ def test_stage2_with_a_stage1_of_another_codebook_shape_is_refused(tmp_path):
     (sample.main, ["--top-k", "4", "5"], ["ConfigError: --top-k takes one value or one per depth (3)"]),
     (sample.main, ["--cfg", "2"], ["ConfigError: --cfg 2.0", "not trained for classifier-free guidance"]),
     (main_sampling_fid.main, ["-n", "32", "-bs", "12"], ["ConfigError: -n 32 must be a multiple of -bs x processes"]),
+    (main_sampling_fid.main, ["-n", "16", "--image-size-eval", "0"], ["ConfigError: --image-size-eval must be a "
+                                                                      "positive image side, got 0"]),
     (main_sampling_fid.main, ["-n", "20", "-bs", "4"], ["ConfigError: -n 20 must be a multiple of the number of "
                                                         "classes (16)"]),
 ])
