@@ -54,8 +54,10 @@ from methods import load_sampler, sampling_knob_schemas
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = sampling_parser(__doc__, sampling_knob_schemas())
-    parser.add_argument("-n", "--n-samples", type=at_least(1), default=50000, help="total number of images")
-    parser.add_argument("--save-dir", default=None, help="results under SAVE_DIR/<grandparent>_<parent of -a>")
+    parser.add_argument("-n", "--n-samples", "--num-fid-samples", type=at_least(1), default=50000,
+                        help="total number of images")
+    parser.add_argument("--save-dir", "--sample-dir", default=None,
+                        help="results under SAVE_DIR/<grandparent>_<parent of -a>")
     parser.add_argument("--inception-weights", default=None,
                         help="local weights-inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
     parser.add_argument("--ref-stats", default=None,

@@ -198,6 +198,8 @@ def load_sampler(args: argparse.Namespace, assignments: Iterable[str], device: t
     tokenizer speaks the prior's code layout (common/code_view.py); a text prior gets its text tokenizer (its
     checkpoint's, or the released vocabulary its config names, from --text-tokenizer or torch's hub cache)."""
     tokenizer, _ = load_tokenizer(args.model_vqvae_path, args.config)
+    if args.image_size is not None:
+        tokenizer.work_at(args.image_size, "--image-size")
     prior, config, defaults = load_prior(args.model_ar_path, tokenizer, use_ema=not args.no_ema)
     if getattr(prior, "context_length", 0):
         prior.text_tokenizer = text_tokenizer_for(prior, config, args.text_tokenizer, args.model_ar_path)

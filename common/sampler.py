@@ -32,20 +32,25 @@ from common.weights import resolve_checkpoint
 def sampling_parser(description: str, knob_schemas: Iterable[Mapping[str, Knob]]) -> argparse.ArgumentParser:
     """Checkpoints, every prior's knobs as flags, batch size, seed, weights, device and precision."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--model-vqvae-path", "--tokenizer", required=True,
+    parser.add_argument("-v", "--model-vqvae-path", "--tokenizer", "--vq-ckpt", required=True,
                         help="stage-1 tokenizer checkpoint (ours or official)")
     parser.add_argument("--config", default=None,
                         help="the YAML an official Open-MAGVIT2 .ckpt given with -v was trained with")
-    parser.add_argument("-a", "--model-ar-path", "--prior", required=True,
+    parser.add_argument("-a", "--model-ar-path", "--prior", "--gpt-ckpt", required=True,
                         help="stage-2 prior checkpoint (ours or official)")
     add_knob_flags(parser, knob_schemas)
-    parser.add_argument("-bs", "--batch-size", type=int, default=100, help="images per batch per process")
-    parser.add_argument("--seed", type=int, default=0, help="batch g draws from a generator seeded by (seed, g)")
+    parser.add_argument("-bs", "--batch-size", "--per-proc-batch-size", type=int, default=100,
+                        help="images per batch per process")
+    parser.add_argument("--seed", "--global-seed", type=int, default=0,
+                        help="batch g draws from a generator seeded by (seed, g)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA")
     parser.add_argument("--ema", action="store_true", help="accepted for compatibility: EMA is the default")
     parser.add_argument("--device", default="auto", help="auto (cuda > cpu), cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the prior's arithmetic: auto = bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help="LlamaGen's flag: the tokenizer works at N px (its codes follow the image size; 384 for "
+                             "LlamaGen's *_384 GPTs); default: its own")
     parser.add_argument("--image-size-eval", type=int, default=None, metavar="N",
                         help="LlamaGen's flag: resize the decoded images to N x N (bicubic) before they are saved and "
                              "scored (its 384 px models are evaluated at 256)")

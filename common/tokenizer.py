@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 
 DISCRETE, CONTINUOUS = "discrete", "continuous"
 
@@ -32,6 +32,14 @@ class Tokenizer(nn.Module):
     @property
     def image_size(self) -> int:
         return self.resolution
+
+    def work_at(self, image_size: int, source: str) -> None:
+        """Encode and decode images of `image_size` px from now on: its codes follow the image size (the
+        tokenizer is convolutional), as LlamaGen's --image-size builds its VQ."""
+        if image_size < self.downsample_factor or image_size % self.downsample_factor:
+            raise ConfigError(f"{source} {image_size}: the tokenizer works at multiples of its downsampling factor "
+                              f"{self.downsample_factor}")
+        self.resolution = image_size
 
     @property
     def latent_side(self) -> int:

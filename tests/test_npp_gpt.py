@@ -193,11 +193,18 @@ def test_official_gpt_without_args_takes_the_tokenizers_grid_and_its_released_si
         "--output", str(tmp_path / "samples")])
     assert line.startswith("CheckpointError: ") and "give the tokenizer at 48 px" in line
     assert not os.path.exists(tmp_path / "samples")
-    sample_script.main(["-v", os.path.join(NPP_DATA, "vq_tiny.pt"), "--config", config48, "-a",
-                        str(tmp_path / "c2i_T_48.pt"), "--classes", "1", "--top-k", "1", "--output",
-                        str(tmp_path / "samples")])
-    assert np.load(tmp_path / "samples" / "codes.npy").shape == (1, 24, 24)
-    assert Image.open(tmp_path / "samples" / "00000.png").size == (48, 48)
+    for name, tokenizer_at_48 in (("config", ["--config", config48]), ("flag", ["--image-size", "48"])):
+        sample_script.main(["--vq-ckpt", os.path.join(NPP_DATA, "vq_tiny.pt"), *tokenizer_at_48, "--gpt-ckpt",
+                            str(tmp_path / "c2i_T_48.pt"), "--classes", "1", "--top-k", "1", "--output",
+                            str(tmp_path / name)])
+        assert np.load(tmp_path / name / "codes.npy").shape == (1, 24, 24)
+        assert Image.open(tmp_path / name / "00000.png").size == (48, 48)
+    assert np.array_equal(np.load(tmp_path / "config" / "codes.npy"), np.load(tmp_path / "flag" / "codes.npy"))
+    capsys.readouterr()  # the progress bars of the runs above
+    line = refused_in_process(capsys, sample_script.main, [
+        "-v", os.path.join(NPP_DATA, "vq_tiny.pt"), "--image-size", "47", "-a", str(tmp_path / "c2i_T_48.pt"),
+        "--output", str(tmp_path / "samples")])
+    assert line == ("ConfigError: --image-size 47: the tokenizer works at multiples of its downsampling factor 2")
 
 
 def test_training_step_learns_and_drops_classes():
