@@ -216,8 +216,8 @@ def check_released_size(prior: GPT, path: str, tokenizer: Any, grid: tuple[int, 
         size = side * tokenizer.downsample_factor
         raise CheckpointError(
             f"{path}: a GPT of {side}x{side} codes ({size} px) and the tokenizer (-v) makes {grid[0]}x{grid[1]} codes; "
-            f"give the tokenizer at {size} px, as LlamaGen's --image-size {size}: --config with arch.image_size: "
-            f"{size} (configs/imagenet/stage1/llamagen-vq16-384.yaml for 384)")
+            f"give the tokenizer at {size} px: --image-size {size} (LlamaGen's flag), or --config with "
+            f"arch.image_size: {size}")
 
 
 def official_prior_weights(obj: Any, path: str, model: GPT) -> dict[str, torch.Tensor] | None:

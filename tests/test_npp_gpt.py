@@ -183,8 +183,8 @@ def test_official_gpt_without_args_takes_the_tokenizers_grid_and_its_released_si
     assert load_prior(str(tmp_path / "c2i_T_48.pt"), vq48)[0].grid == 24
     assert load_prior(str(tmp_path / "args.pt"), vq24)[0].grid == 12
     with pytest.raises(CheckpointError, match=r"c2i_T_48.pt: a GPT of 24x24 codes \(48 px\) and the tokenizer \(-v\) "
-                                              r"makes 12x12 codes; give the tokenizer at 48 px, as LlamaGen's "
-                                              r"--image-size 48: --config with arch.image_size: 48"):
+                                              r"makes 12x12 codes; give the tokenizer at 48 px: --image-size 48 "
+                                              r"\(LlamaGen's flag\), or --config with arch.image_size: 48$"):
         load_prior(str(tmp_path / "c2i_T_48.pt"), vq24)
     with pytest.raises(CheckpointError, match=r"a GPT of 12x12 codes \(24 px\) and the tokenizer \(-v\) makes 24x24"):
         load_prior(str(tmp_path / "args.pt"), vq48)
