@@ -9,9 +9,10 @@ fine-tuning start for main_stage1.py -l: its tokenizer and discriminator weights
 
 GPT (`c2i_B_256.pt`, ...): `{"model", "optimizer", "steps", "args"}` as the training script writes
 it (`args`, an argparse.Namespace, is let through `weights_only` loading as plain data), `ema`
-when trained with it, or a bare state dict. Width, depth, vocabulary and classes come from the
-weights; the heads from the released model name (head size 64) or the caller; the code grid from
-`args` (image_size / downsample_size) or the caller.
+when trained with it, or a bare state dict (the FSDP-saved XXL and 3B releases). Width, depth,
+vocabulary and classes come from the weights; the heads from the caller, the model name in `args`
+or the preset of that width and depth; the code grid from the caller or `args` (image_size /
+downsample_size), and for the samplers from the tokenizer when the file has no `args`.
 """
 from __future__ import annotations
 
