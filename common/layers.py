@@ -3,7 +3,7 @@
 VQGAN-family convolutional blocks (taming-transformers layout, used by the RQ-VAE and the
 LlamaGen VQ tokenizer): GroupNorm, residual blocks, single-head spatial attention, and
 2x down/up-sampling; and the Llama-style transformer parts of LlamaGen's GPT: RMSNorm and the
-SwiGLU feed-forward; and the wide Linear of the priors' heads. Parameter names follow the official state
+SwiGLU feed-forward; and the Linear of the priors, faster in sampling on the CPU. Parameter names follow the official state
 dicts.
 """
 from __future__ import annotations
@@ -159,36 +159,71 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = SamplingLinear(dim, hidden, bias=False)
+        self.w3 = SamplingLinear(dim, hidden, bias=False)
+        self.w2 = SamplingLinear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-# MKL's fp32 product of a few rows against a weight of thousands of output features streams that weight at
-# 2-3 GB/s on the CPUs measured here, 1.2-2.2x slower than in blocks of 512 features (benchmarks/README.md).
-# Each output is the same dot product over the input features either way, so the values are bitwise equal.
+# In sampling on the CPU (fp32, no autograd) MKL's product of a few rows against a weight read from memory is
+# far from the memory roof on the CPUs measured here (benchmarks/README.md). Two rearrangements of the same dot
+# products are faster:
+# - a weight of thousands of output features (a codebook head) in blocks of 512 features, 1.2-2.2x: each
+#   output is the same dot product over the input features, so the values are bitwise equal;
+# - 16 to 64 rows as weight @ x^T: MKL computes the same products with its operands swapped, and the whole
+#   sampler is 1.05-1.2x faster (GPT-B at batch 16 with guidance, RQ-Transformer small at batch 32). That gives
+#   the same bits on the CPUs measured, but nothing promises it, so a shape takes this path only after a probe
+#   product of that shape (and thread count) came out bitwise equal.
 OUTPUT_BLOCK = 512
 BLOCKED_FROM = 4096  # fewer output features than this run as one product: blocks gain nothing there
+TRANSPOSED_ROWS = (16, 64)  # fewer rows: not faster; from 100 rows on the RQ sampler was slower
+_transposed_exact: dict[tuple[int, ...], bool] = {}
 
 
-def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), computed in blocks of OUTPUT_BLOCK output features where that is faster
+def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) computed as (weight @ x^T)^T, contiguous."""
+    rows = x.reshape(-1, x.shape[-1]).t()
+    out = torch.mm(weight, rows) if bias is None else torch.addmm(bias[:, None], weight, rows)
+    return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def transposed_is_exact(out_features: int, in_features: int, rows: int, with_bias: bool) -> bool:
+    """Whether `transposed_linear` gives F.linear's bits for this shape here: probed once on random operands."""
+    key = (out_features, in_features, rows, with_bias, torch.get_num_threads())
+    if key not in _transposed_exact:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(out_features, in_features, generator=generator)
+        x = torch.randn(rows, in_features, generator=generator)
+        bias = torch.randn(out_features, generator=generator) if with_bias else None
+        _transposed_exact[key] = torch.equal(transposed_linear(x, weight, bias), F.linear(x, weight, bias))
+    return _transposed_exact[key]
+
+
+def sampling_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), computed in blocks of output features or as weight @ x^T where that is faster
     and bitwise the same: fp32 on the CPU, without autograd (whose gradient sums would round otherwise)."""
     fp32_on_cpu = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     sampling = not (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"))
-    if not (fp32_on_cpu and sampling and weight.shape[0] >= BLOCKED_FROM):
+    if not (fp32_on_cpu and sampling):
         return F.linear(x, weight, bias)
-    weights = weight.split(OUTPUT_BLOCK)
-    biases = bias.split(OUTPUT_BLOCK) if bias is not None else [None] * len(weights)
-    return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+    out_features, in_features = weight.shape
+    if out_features >= BLOCKED_FROM:
+        weights = weight.split(OUTPUT_BLOCK)
+        biases = bias.split(OUTPUT_BLOCK) if bias is not None else [None] * len(weights)
+        return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+    rows = x.numel() // in_features
+    if (TRANSPOSED_ROWS[0] <= rows <= TRANSPOSED_ROWS[1]
+            and transposed_is_exact(out_features, in_features, rows, bias is not None)):
+        return transposed_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
-class WideLinear(nn.Linear):
-    """nn.Linear for the logits over a large codebook (16384 codes): sampled a few rows at a time."""
+class SamplingLinear(nn.Linear):
+    """nn.Linear whose products in sampling on the CPU are computed faster, bitwise the same (`sampling_linear`);
+    the priors' projections and codebook heads are these."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return blocked_linear(x, self.weight, self.bias)
+        return sampling_linear(x, self.weight, self.bias)

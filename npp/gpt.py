@@ -20,7 +20,7 @@ from torch import nn
 from common.attention import KVCache, causal_attention, merge_heads
 from common.config import validate
 from common.errors import ConfigError, DataError
-from common.layers import RMSNorm, SwiGLU, WideLinear
+from common.layers import RMSNorm, SamplingLinear, SwiGLU
 from common.rope import apply_rope, rope_2d_table
 from common.knobs import Knob, token_folder_name, token_knobs
 from common.sampling import cfg_mix, check_sampling_knobs, sample_from_logits
@@ -50,8 +50,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_head: int, resid_dropout: float):
         super().__init__()
         self.n_head = n_head
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wqkv = SamplingLinear(dim, 3 * dim, bias=False)
+        self.wo = SamplingLinear(dim, dim, bias=False)
         self.resid_dropout = nn.Dropout(resid_dropout)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -114,7 +114,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(dim, n_head, ffn_hidden, norm_eps, resid_dropout_p, ffn_dropout_p)
                                     for _ in range(n_layer))
         self.norm = RMSNorm(dim, norm_eps)
-        self.output = WideLinear(dim, vocab_size, bias=False)
+        self.output = SamplingLinear(dim, vocab_size, bias=False)
         self.grid = math.isqrt(image_tokens)
         self.head_dim = dim // n_head
         self.rope_base = rope_base

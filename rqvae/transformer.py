@@ -29,7 +29,7 @@ from common.attention import KVCache, causal_attention, merge_heads, split_heads
 from common.config import validate
 from common.errors import CheckpointError, ConfigError, DataError
 from common.knobs import token_folder_name, token_knobs
-from common.layers import WideLinear
+from common.layers import SamplingLinear
 from common.sampling import KnobValue, cfg_mix, check_sampling_knobs, per_depth, sample_from_logits
 from rqvae.schema import RQTRANSFORMER_ARCH
 
@@ -53,10 +53,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         if embed_dim % n_head:
             raise ConfigError(f"embed_dim {embed_dim} must be a multiple of n_head {n_head}")
-        self.key = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.query = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.value = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.key = SamplingLinear(embed_dim, embed_dim, bias=bias)
+        self.query = SamplingLinear(embed_dim, embed_dim, bias=bias)
+        self.value = SamplingLinear(embed_dim, embed_dim, bias=bias)
+        self.proj = SamplingLinear(embed_dim, embed_dim, bias=bias)
         self.resid_drop = nn.Dropout(resid_pdrop)
         self.n_head = n_head
         self.attn_pdrop = attn_pdrop
@@ -77,9 +77,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(embed_dim)
         self.attn = SelfAttention(embed_dim, n_head, attn_bias, attn_pdrop, resid_pdrop)
         self.mlp = nn.Sequential(
-            nn.Linear(embed_dim, 4 * embed_dim, bias=mlp_bias),
+            SamplingLinear(embed_dim, 4 * embed_dim, bias=mlp_bias),
             nn.GELU() if gelu == "v1" else SigmoidGELU(),
-            nn.Linear(4 * embed_dim, embed_dim, bias=mlp_bias),
+            SamplingLinear(4 * embed_dim, embed_dim, bias=mlp_bias),
             nn.Dropout(resid_pdrop),
         )
 
@@ -141,7 +141,7 @@ class Classifier(nn.Module):
     def __init__(self, embed_dim: int, vocab_size: int, depth: int, shared: bool):
         super().__init__()
         self.layer_norm = nn.LayerNorm(embed_dim)
-        self.linear = WideLinear(embed_dim, vocab_size) if shared else DepthLinear(depth, embed_dim, vocab_size)
+        self.linear = SamplingLinear(embed_dim, vocab_size) if shared else DepthLinear(depth, embed_dim, vocab_size)
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """x (..., D, C) -> (..., D, V); with `depth`, x (..., C) of that depth -> (..., V)."""
