@@ -44,8 +44,8 @@ from common.metrics.images import NpzImageWriter
 from common.metrics.inception import LOGITS, POOL
 from common.metrics.reference import DEFAULT_STATS_DIR, resolve_reference
 from common.paths import check_output_dir
-from common.sampler import (Sampler, add_official_sampling_flags, parse_sampling_args, result_dir, sample_in_shards,
-                            sampling_parser)
+from common.sampler import (Sampler, add_alias, add_official_sampling_flags, parse_sampling_args, result_dir,
+                            sample_in_shards, sampling_parser)
 from methods import load_sampler, sampling_knob_schemas
 
 #################################################################################
@@ -54,10 +54,10 @@ from methods import load_sampler, sampling_knob_schemas
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = sampling_parser(__doc__, sampling_knob_schemas())
-    parser.add_argument("-n", "--n-samples", "--num-fid-samples", type=at_least(1), default=50000,
-                        help="total number of images")
-    parser.add_argument("--save-dir", "--sample-dir", default=None,
-                        help="results under SAVE_DIR/<grandparent>_<parent of -a>")
+    parser.add_argument("-n", "--n-samples", type=at_least(1), default=50000, help="total number of images")
+    parser.add_argument("--save-dir", default=None, help="results under SAVE_DIR/<grandparent>_<parent of -a>")
+    add_alias(parser, "--num-fid-samples", "-n", "n_samples", at_least(1))
+    add_alias(parser, "--sample-dir", "--save-dir", "save_dir", str)
     parser.add_argument("--inception-weights", default=None,
                         help="local weights-inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
     parser.add_argument("--ref-stats", default=None,

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -39,10 +39,10 @@ def sampling_parser(description: str, knob_schemas: Iterable[Mapping[str, Knob]]
     parser.add_argument("-a", "--model-ar-path", "--prior", "--gpt-ckpt", required=True,
                         help="stage-2 prior checkpoint (ours or official)")
     add_knob_flags(parser, knob_schemas)
-    parser.add_argument("-bs", "--batch-size", "--per-proc-batch-size", type=int, default=100,
-                        help="images per batch per process")
-    parser.add_argument("--seed", "--global-seed", type=int, default=0,
-                        help="batch g draws from a generator seeded by (seed, g)")
+    parser.add_argument("-bs", "--batch-size", type=int, default=100, help="images per batch per process")
+    parser.add_argument("--seed", type=int, default=0, help="batch g draws from a generator seeded by (seed, g)")
+    add_alias(parser, "--per-proc-batch-size", "-bs", "batch_size", int)
+    add_alias(parser, "--global-seed", "--seed", "seed", int)
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA")
     parser.add_argument("--ema", action="store_true", help="accepted for compatibility: EMA is the default")
     parser.add_argument("--device", default="auto", help="auto (cuda > cpu), cpu, cuda, cuda:N")
@@ -60,6 +60,11 @@ def sampling_parser(description: str, knob_schemas: Iterable[Mapping[str, Knob]]
     parser.epilog = ("Any sampling knob can also be given as key=value (e.g. top_k=250, num_iter=64); "
                      "unset knobs take the checkpoint's defaults.")
     return parser
+
+
+def add_alias(parser: argparse.ArgumentParser, alias: str, flag: str, dest: str, kind: Callable) -> None:
+    """`alias` (an official script's name of `flag`) sets what `flag` sets; errors about `flag` keep its name."""
+    parser.add_argument(alias, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"LlamaGen's name of {flag}")
 
 
 def add_official_sampling_flags(parser: argparse.ArgumentParser) -> None:
