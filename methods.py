@@ -203,5 +203,11 @@ def load_sampler(args: argparse.Namespace, assignments: Iterable[str], device: t
     prior, config, defaults = load_prior(args.model_ar_path, tokenizer, use_ema=not args.no_ema)
     if getattr(prior, "context_length", 0):
         prior.text_tokenizer = text_tokenizer_for(prior, config, args.text_tokenizer, args.model_ar_path)
-    return build_sampler(args, assignments, device, view_for(tokenizer, prior), prior, defaults, args.model_ar_path)
+    view = view_for(tokenizer, prior)
+    shape = getattr(prior, "code_shape", None)
+    if args.image_size is not None and shape is not None and tuple(view.code_shape) != tuple(shape):
+        raise ConfigError(f"--image-size {args.image_size}: at that size the tokenizer makes codes of shape "
+                          f"{list(view.code_shape)} and the prior samples {list(shape)}; give the size it was trained "
+                          f"at ({shape[0] * view.downsample_factor // getattr(view, 'fold', 1)} px)")
+    return build_sampler(args, assignments, device, view, prior, defaults, args.model_ar_path)
 

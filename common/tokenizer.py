@@ -39,7 +39,11 @@ class Tokenizer(nn.Module):
         if image_size < self.downsample_factor or image_size % self.downsample_factor:
             raise ConfigError(f"{source} {image_size}: the tokenizer works at multiples of its downsampling factor "
                               f"{self.downsample_factor}")
-        self.resolution = image_size
+        own, self.resolution = self.resolution, image_size
+        if self.kind == DISCRETE and tuple(self.code_shape[:2]) != (self.latent_side, self.latent_side):
+            self.resolution = own  # an RQ-VAE's code grid is set by its config, not by the image size
+            raise ConfigError(f"{source} {image_size}: this tokenizer's code grid is fixed by its config "
+                              f"({'x'.join(map(str, self.code_shape))}); it works at {own} px only")
 
     @property
     def latent_side(self) -> int:

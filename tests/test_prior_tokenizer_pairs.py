@@ -78,7 +78,7 @@ def tokenizers(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("prior", list(PRIORS))
 @pytest.mark.parametrize("kind", ["rq-vae", "lfq", "vq16"])
-def test_prior_trains_and_samples_on_the_tokenizer(tokenizers, tmp_path, kind, prior):
+def test_prior_trains_and_samples_on_the_tokenizer(tokenizers, tmp_path, capsys, kind, prior):
     run_name, arguments, patch_sizes = PRIORS[prior]
     own = OWN_EMBEDDINGS if prior == "rq-transformer" and kind != "rq-vae" else []
     codes_shape = PRIOR_CODES[kind, prior.split("-")[0] if prior.startswith("gpt") else prior]
@@ -102,6 +102,13 @@ def test_prior_trains_and_samples_on_the_tokenizer(tokenizers, tmp_path, kind, p
     expected = to_uint8(view.decode_tokens(codes).clamp(-1, 1))  # the prior's codes, decoded in the tokenizer's layout
     for i in range(2):
         assert np.array_equal(np.asarray(Image.open(out / f"{i:05d}.png")), expected[i].numpy())
+    if kind == "vq16":  # its codes follow the image size; the prior's grid does not
+        capsys.readouterr()
+        line = refused_in_process(capsys, sample.main, ["-v", tokenizers[kind], "-a", str(run / "last.pt"),
+                                                        "--image-size", "32", "--output", str(tmp_path / "at32")])
+        assert line.endswith("the given stage-1 model makes 64 codes of shape [8, 8, 1]" if prior == "rq-transformer"
+                             else "--image-size 32: at that size the tokenizer makes codes of shape [8, 8] and the "
+                                  "prior samples [4, 4]; give the size it was trained at (16 px)"), line
 
 
 def test_layouts_place_every_code_and_decode_as_the_tokenizer(tokenizers):

@@ -240,6 +240,8 @@ def test_stage2_with_a_stage1_of_another_codebook_shape_is_refused(tmp_path):
     (sample.main, ["--top-k", "0"], ["ConfigError: --top-k must be >= 1, got 0"]),
     (sample.main, ["--top-k", "4", "5"], ["ConfigError: --top-k takes one value or one per depth (3)"]),
     (sample.main, ["--cfg", "2"], ["ConfigError: --cfg 2.0", "not trained for classifier-free guidance"]),
+    (sample.main, ["--image-size", "32"], ["ConfigError: --image-size 32: this tokenizer's code grid is fixed by its "
+                                           "config (8x8x3); it works at 16 px only"]),
     (main_sampling_fid.main, ["-n", "32", "-bs", "12"], ["ConfigError: -n 32 must be a multiple of -bs x processes"]),
     (main_sampling_fid.main, ["-n", "16", "--image-size-eval", "0"], ["ConfigError: --image-size-eval must be a "
                                                                       "positive image side, got 0"]),
