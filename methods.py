@@ -208,6 +208,6 @@ def load_sampler(args: argparse.Namespace, assignments: Iterable[str], device: t
     if args.image_size is not None and shape is not None and tuple(view.code_shape) != tuple(shape):
         raise ConfigError(f"--image-size {args.image_size}: at that size the tokenizer makes codes of shape "
                           f"{list(view.code_shape)} and the prior samples {list(shape)}; give the size it was trained "
-                          f"at ({shape[0] * view.downsample_factor // getattr(view, 'fold', 1)} px)")
+                          f"at ({args.image_size * shape[0] // view.code_shape[0]} px)")
     return build_sampler(args, assignments, device, view, prior, defaults, args.model_ar_path)
 

@@ -3,8 +3,8 @@
 VQGAN-family convolutional blocks (taming-transformers layout, used by the RQ-VAE and the
 LlamaGen VQ tokenizer): GroupNorm, residual blocks, single-head spatial attention, and
 2x down/up-sampling; and the Llama-style transformer parts of LlamaGen's GPT: RMSNorm and the
-SwiGLU feed-forward; and the Linear of the priors, faster in sampling on the CPU. Parameter names follow the official state
-dicts.
+SwiGLU feed-forward; and the Linear of the priors, faster in sampling on the CPU. Parameter names
+follow the official state dicts.
 """
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ With --classes, -n images of each listed class (default 1), class by class in th
 one row of grid.png per class. Without it, -n images (default 16): an unconditional prior's, or a
 class-conditional prior's cycling through classes 0, 1, 2, ... The prior's sampling knobs are flags or
 key=value arguments and default to the checkpoint's (official: the release's settings; ours:
-`experiment.sample`). Writes 00000.png, ..., grid.png and the tokens: codes.npy (int64, N x h x w [x D], in the
-prior's layout) of a discrete tokenizer, latents.npy (float32, N x C x h x w) of a continuous one. Batch g draws from a
-generator seeded by (--seed, g), as in main_sampling_fid.py.
+`experiment.sample`). Writes 00000.png, ..., grid.png and the tokens: codes.npy (int64, N x h x w [x D],
+in the prior's layout) of a discrete tokenizer, latents.npy (float32, N x C x h x w) of a continuous one.
+Batch g draws from a generator seeded by (--seed, g), as in main_sampling_fid.py.
 
 A text-conditioned prior takes --prompt TEXT (repeatable): -n images of each prompt (default 1), one
 row of grid.png per prompt with the prompt under each image, and captions.jsonl (the file and caption
