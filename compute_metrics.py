@@ -45,8 +45,8 @@ from common.metrics.fidelity import check_feature_dims, check_image_count, write
 from common.metrics.inception import INCEPTION_NAME, POOL, POOL_DIM, shard
 from common.metrics.reference import DEFAULT_STATS_DIR, REFERENCE_STATS, Reference, resolve_reference
 from common.metrics.shapes import ShapesEvaluator, sample_labels
-from common.metrics.shapes_classifier import CACHE_ENV, RESOLUTION
-from common.paths import check_output_file
+from common.metrics.shapes_classifier import RESOLUTION
+from common.paths import CACHE_ENV, check_output_file
 
 SHAPES, CLIP = "shapes", "clip"
 METRICS = ("fid", "isc", "prc", SHAPES, CLIP)

@@ -17,8 +17,9 @@ from common.checkpoint import save_checkpoint
 from common.errors import CheckpointError
 from common.metrics import ShapesEvaluator, shapes
 from common.metrics.shapes import CLASS_NAMES, label_from_name
-from common.metrics.shapes_classifier import (CACHE_ENV, CLASSIFIER_FILE, ClassifierRecipe, draw_shapes,
-                                              read_classifier_file, train_classifier)
+from common.metrics.shapes_classifier import (CLASSIFIER_FILE, ClassifierRecipe, draw_shapes, read_classifier_file,
+                                              train_classifier)
+from common.paths import CACHE_ENV
 from tests.helpers import refused_in_process
 
 SCORES = ("shapes_accuracy", "shapes_fd", "shapes_precision", "shapes_recall")

@@ -24,8 +24,9 @@ from common.errors import CheckpointError, DataError
 from common.metrics.fidelity import FIDStatistics, frechet_distance, npz_keys, precision_recall
 from common.metrics.images import NpzImages
 from common.metrics.shapes_classifier import (CLASSIFIER_FILE, NUM_CLASSES, NUM_VAL_IMAGES, ShapesClassifier,
-                                              build_classifier, classify, default_cache_dir, is_current,
-                                              read_classifier_file, train_classifier)
+                                              build_classifier, classify, is_current, read_classifier_file,
+                                              train_classifier)
+from common.paths import default_cache_dir
 
 LABEL_KEYS = ("labels", "arr_1")  # main_sampling_fid.py writes both; arr_1 is ADM's name
 CLASS_NAMES = ShapesDataset.class_names

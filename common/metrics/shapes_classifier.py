@@ -19,7 +19,6 @@ from common.checkpoint import load_checkpoint, strict_load
 from common.data import ShapesDataset, to_uint8
 from common.dist import intra_op_threads
 from common.errors import CheckpointError, DataError
-from common.paths import CACHE_ENV, default_cache_dir  # noqa: F401 (the cache is shared; its names stay importable here)
 
 KIND = "shapes-classifier"
 CLASSIFIER_FILE = "shapes-classifier.pt"
