@@ -169,8 +169,7 @@ def run(args: argparse.Namespace, assignments: list[str], env: dist.DistEnv) -> 
         return None
     results.update(num_images=args.n_samples, seed=args.seed, stage1=args.model_vqvae_path,
                    stage2=args.model_ar_path, ema=sampler.use_ema, **sampler.knobs, image_size=sampler.image_size,
-                   batch_size=args.batch_size,
-                   world_size=env.world_size, sampling_seconds=round(seconds, 3),
+                   batch_size=args.batch_size, world_size=env.world_size, sampling_seconds=round(seconds, 3),
                    images_per_second=round(args.n_samples / seconds, 3), out_dir=out_dir)
     write_atomic(os.path.join(out_dir, "metrics.json"), lambda handle: handle.write(
         (json.dumps(results, indent=2) + "\n").encode()))
